@@ -1,0 +1,3 @@
+from cachekit.cli.main import main
+
+main()

@@ -1,0 +1,468 @@
+"""`cachekit extract`: run a ResNet CLIP once over a dataset into one self-contained HDF5 cache.
+
+Durability: work is cut into units (one batch of one split and view). Each finished unit is
+written to `OUT.parts/seg-*.h5` and published atomically; a rerun of the same command skips the
+published units. When every unit exists, the cache is assembled into `OUT.tmp` and renamed onto
+`OUT`. A kill at any moment therefore loses at most the batches in flight, and `OUT` is never
+half-written.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import queue
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .augment import AugmentedView, plain_transform
+from .cache import FORMAT, SCHEMA_VERSION, read_identity
+from .data import check_image, load_dataset, load_image, sample_fewshot
+from .errors import BadImageError, CachekitError
+from .models import attnpool_params, dense_and_pooled, encode_templates, load_model, text_classifier
+from .store import ArrayHasher, WriterLock, array_sha256, os_errors, publish, tmp_path, write_json_atomic
+from .templates import resolve_templates
+
+DENSE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class ExtractOptions:
+    data: str
+    out: str
+    model: str = "RN50"
+    pretrained: str | None = None
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seeds: tuple[int, ...] = (1, 2, 3)
+    views: int = 10
+    templates: str | None = None
+    image_root: str | None = None
+    classnames: str | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    workers: int = 0
+    dense_dtype: str = "float16"
+    skip_bad: bool = False
+    overwrite: bool = False
+    init_seed: int = 0
+    aug_seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.3
+    split_seed: int = 1
+    progress: bool = False
+    # Test hook: stop (as if killed) after this many units were published in this run.
+    _stop_after_units: int | None = field(default=None, repr=False)
+
+    def validate(self):
+        if not self.shots or any(int(k) < 1 for k in self.shots):
+            raise CachekitError(f"shots {list(self.shots)} must be positive integers; fix: e.g. --shots 1,2,4,8,16")
+        if not self.seeds:
+            raise CachekitError("no seeds given; fix: e.g. --seeds 1,2,3")
+        if self.views < 0:
+            raise CachekitError(f"--views {self.views} must be >= 0; fix: e.g. --views 10")
+        if self.batch_size < 1:
+            raise CachekitError(f"--batch-size {self.batch_size} must be >= 1")
+        if self.dense_dtype not in DENSE_DTYPES:
+            raise CachekitError(f"--dense-dtype {self.dense_dtype} is not supported; fix: one of {', '.join(DENSE_DTYPES)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise CachekitError("--device cuda asked for but no CUDA device is visible; fix: --device cpu")
+        self.shots = tuple(sorted({int(k) for k in self.shots}))
+        self.seeds = tuple(sorted({int(s) for s in self.seeds}))
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _unit_name(split: str, view: int, start: int) -> str:
+    return f"seg-{split}-v{view:03d}-{start:09d}.h5"
+
+
+class _Rows(torch.utils.data.Dataset):
+    """One entry per (image, view); returns (tensor, error reason or '', entry index)."""
+
+    def __init__(self, root: Path, entries: list[tuple[str, int]], plain, aug, aug_seed: int, size: int):
+        self.root, self.entries, self.plain, self.aug = root, entries, plain, aug
+        self.aug_seed, self.size = aug_seed, size
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        rel, view = self.entries[i]
+        try:
+            img = load_image(self.root / rel)
+        except BadImageError as exc:
+            return torch.zeros(3, self.size, self.size), exc.reason, i
+        x = self.plain(img) if view == 0 else self.aug(img, self.aug_seed, rel, view)
+        return x, "", i
+
+
+def _sample_sets(spec, opts: ExtractOptions, progress: bool):
+    """Few-shot sets for every (K, seed); with --skip-bad, unreadable train images are dropped
+    from the pool and the sets resampled until every sampled image decodes."""
+    train = spec.splits["train"]
+    C = len(spec.classnames)
+    alive = np.arange(len(train))
+    bad: dict[str, str] = {}
+    checked: set[int] = set()
+    while True:
+        items = [train[i] for i in alive]
+        sets = {}
+        for k in opts.shots:
+            for s in opts.seeds:
+                fs = sample_fewshot(items, C, k, s)
+                sets[(k, s)] = (alive[fs.indices], list(fs.with_replacement))
+        union = sorted({int(i) for pos, _ in sets.values() for i in pos})
+        todo = [i for i in union if i not in checked]
+        with ThreadPoolExecutor(max(1, opts.workers)) as pool:
+            reasons = list(tqdm(pool.map(lambda i: check_image(spec.root / train[i].path), todo),
+                                total=len(todo), desc="check train images", unit="img",
+                                disable=not progress or None, leave=False))
+        checked.update(todo)
+        new_bad = [(i, r) for i, r in zip(todo, reasons) if r]
+        if not new_bad:
+            return sets, np.asarray(union, dtype=np.int64), bad
+        if not opts.skip_bad:
+            i, r = new_bad[0]
+            raise BadImageError(spec.root / train[i].path, r)
+        for i, r in new_bad:
+            bad[train[i].path] = r
+        drop = {i for i, _ in new_bad}
+        alive = np.asarray([i for i in alive if i not in drop], dtype=np.int64)
+
+
+def _identity(opts, spec, bundle, templates) -> dict:
+    """Everything that changes a cache's contents; a rerun must match it exactly to resume."""
+    return {
+        "model": bundle.name,
+        "checkpoint_sha256": bundle.checkpoint_sha256,
+        "init_seed": bundle.init_seed if bundle.random_weights else None,
+        "dataset_fingerprint": spec.fingerprint(),
+        "shots": list(opts.shots),
+        "seeds": list(opts.seeds),
+        "views": opts.views,
+        "templates": templates,
+        "dense_dtype": opts.dense_dtype,
+        "aug_seed": opts.aug_seed,
+        "split": {"val_fraction": opts.val_fraction, "test_fraction": opts.test_fraction,
+                  "split_seed": opts.split_seed},
+        "preprocess": bundle.preprocess_cfg,
+    }
+
+
+def _mismatch(a: dict, b: dict) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(keys)
+
+
+def extract(opts: ExtractOptions) -> dict:
+    """Run the extraction described by `opts`; returns a JSON-able summary."""
+    opts.validate()
+    out = Path(opts.out)
+    parts = _parts_dir(out)
+    spec = load_dataset(opts.data, image_root=opts.image_root, classnames_file=opts.classnames,
+                        val_fraction=opts.val_fraction, test_fraction=opts.test_fraction,
+                        split_seed=opts.split_seed)
+    tmpl_label, templates = resolve_templates(opts.templates)
+    with os_errors(str(out.parent)):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with WriterLock(out):
+        if opts.overwrite:
+            for p in (out, tmp_path(out)):
+                p.unlink(missing_ok=True)
+            shutil.rmtree(parts, ignore_errors=True)
+        bundle = load_model(opts.model, opts.pretrained, init_seed=opts.init_seed, device=opts.device)
+        ident = _identity(opts, spec, bundle, templates)
+        if out.exists():
+            old = read_identity(out)
+            if old != ident:
+                raise CachekitError(f"{out} exists and was built with a different {_mismatch(old, ident)}; "
+                                    "fix: choose another --out, or pass --overwrite to rebuild it")
+            return {"cache": str(out), "status": "already complete", "weights": bundle.weights_label}
+        return _run(opts, out, parts, spec, bundle, ident, tmpl_label, templates)
+
+
+def _run(opts, out, parts, spec, bundle, ident, tmpl_label, templates) -> dict:
+    sets, train_rows, bad_train = _sample_sets(spec, opts, opts.progress)
+    V = opts.views
+    row_items = {"train": [spec.splits["train"][i] for i in train_rows], "val": spec.splits["val"]}
+    if not spec.val_is_test:
+        row_items["test"] = spec.splits["test"]
+    for split in row_items:
+        if not row_items[split]:
+            raise CachekitError(f"split {split} has no images; fix: add images to it or let cachekit carve it")
+
+    # Units: one batch of one (split, view), in a fixed order so resumed runs batch identically.
+    B = opts.batch_size
+    plan_path = parts / "plan.json"
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+        if plan["identity"] != ident:
+            raise CachekitError(f"unfinished extraction in {parts} was started with a different "
+                                f"{_mismatch(plan['identity'], ident)}; fix: rerun it with the same options, "
+                                "or pass --overwrite to start afresh")
+        B = plan["batch_size"]
+    else:
+        with os_errors(str(parts)):
+            parts.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(plan_path, {"identity": ident, "batch_size": B, "cachekit_version": __version__})
+    units = []
+    entries: list[tuple[str, int]] = []
+    for split, items in row_items.items():
+        for view in range(V + 1 if split == "train" else 1):
+            for start in range(0, len(items), B):
+                stop = min(start + B, len(items))
+                idx = list(range(len(entries), len(entries) + stop - start))
+                entries.extend((it.path, view) for it in items[start:stop])
+                units.append((split, view, start, stop, idx))
+
+    # Text embeddings: one small unit of their own.
+    text_path = parts / "text.h5"
+    if not text_path.exists():
+        emb, truncated = encode_templates(bundle, spec.classnames, templates, device=opts.device)
+        tmp = tmp_path(text_path)
+        with os_errors(str(text_path)), h5py.File(tmp, "w") as f:
+            f["embeddings"] = emb.numpy()
+            f.attrs["truncated_prompts"] = truncated
+        publish(tmp, text_path)
+
+    todo = [u for u in units if not (parts / _unit_name(*u[:3])).exists()]
+    done_images = sum(u[3] - u[2] for u in units) - sum(u[3] - u[2] for u in todo)
+    if todo:
+        _encode_units(opts, parts, spec, bundle, entries, todo, done_images,
+                      sum(u[3] - u[2] for u in units))
+    if opts._stop_after_units is not None:
+        return {"status": "stopped (test hook)"}
+    summary = _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, units, row_items,
+                        sets, train_rows, bad_train)
+    shutil.rmtree(parts, ignore_errors=True)
+    return summary
+
+
+def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_images):
+    size = bundle.image_size
+    pre = bundle.preprocess_cfg
+    plain = plain_transform(size, pre["mean"], pre["std"])
+    aug = AugmentedView(size, pre["mean"], pre["std"])
+    dataset = _Rows(spec.root, entries, plain, aug, opts.aug_seed, size)
+    cuda = opts.device.startswith("cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[u[4] for u in todo],
+                                         num_workers=opts.workers, pin_memory=cuda)
+    it = iter(loader)  # workers fork here, before the writer thread touches h5py
+    dense_dtype = np.dtype(opts.dense_dtype)
+    visual = bundle.visual
+    if cuda:
+        visual = visual.to(memory_format=torch.channels_last)
+
+    q: queue.Queue = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+
+    def writer():
+        while True:
+            job = q.get()
+            if job is None:
+                return
+            if failure:
+                continue
+            name, dense, pooled, reasons = job
+            try:
+                final = parts / name
+                tmp = tmp_path(final)
+                with os_errors(str(final)), h5py.File(tmp, "w") as f:
+                    f.create_dataset("dense", data=dense)
+                    f.create_dataset("pooled", data=pooled)
+                    f["bad"] = np.asarray(reasons, dtype=h5py.string_dtype())
+                with os_errors(str(final)):
+                    publish(tmp, final)
+            except BaseException as exc:  # surfaced in the main thread
+                failure.append(exc)
+
+    th = threading.Thread(target=writer, daemon=True)
+    th.start()
+    bar = tqdm(total=total_images, initial=done_images, desc="extract", unit="img", unit_scale=True,
+               disable=not opts.progress or None, dynamic_ncols=True)
+    published = 0
+    try:
+        for (split, view, start, stop, _), (x, reasons, _idx) in zip(todo, it):
+            if failure:
+                raise failure[0]
+            reasons = list(reasons)
+            if any(reasons):
+                j = next(i for i, r in enumerate(reasons) if r)
+                path = spec.root / entries[_idx[j]][0]
+                if not opts.skip_bad or split == "train":
+                    raise BadImageError(path, reasons[j])
+            with torch.inference_mode(), torch.autocast("cuda", enabled=cuda):
+                x = x.to(opts.device, non_blocking=True)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                dense, pooled = dense_and_pooled(visual, x)
+            dense = dense.float().cpu().numpy().astype(dense_dtype, copy=False)
+            if not np.isfinite(dense).all():
+                raise CachekitError(f"dense maps of {split} view {view} are not finite in {opts.dense_dtype}; "
+                                    "fix: rerun with --dense-dtype float32")
+            q.put((_unit_name(split, view, start), dense, pooled.float().cpu().numpy(), reasons))
+            bar.update(stop - start)
+            published += 1
+            if opts._stop_after_units is not None and published >= opts._stop_after_units:
+                break
+    finally:
+        q.put(None)
+        th.join()
+        bar.close()
+        del it
+    if failure:
+        raise failure[0]
+
+
+def _create(g, name, data=None, shape=None, dtype=None, chunks=None):
+    return g.create_dataset(name, data=data, shape=shape, dtype=dtype, chunks=chunks)
+
+
+def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, units, row_items,
+              sets, train_rows, bad_train) -> dict:
+    tmp = tmp_path(out)
+    V = opts.views
+    str_dt = h5py.string_dtype()
+    bad_rows: dict[str, list[tuple[str, str]]] = {}
+    with os_errors(str(out)), h5py.File(tmp, "w") as f:
+        ap_params, heads = attnpool_params(bundle.visual)
+        with h5py.File(parts / "text.h5", "r") as tf:
+            emb = tf["embeddings"][()]
+            truncated = int(tf.attrs["truncated_prompts"])
+        # Shapes from the first segment.
+        with h5py.File(parts / _unit_name(*units[0][:3]), "r") as sf:
+            dshape = sf["dense"].shape[1:]
+            D = sf["pooled"].shape[1]
+
+        for split, items in row_items.items():
+            nv = V + 1 if split == "train" else 1
+            su = [u for u in units if u[0] == split]
+            keep = np.ones(len(items), dtype=bool)
+            for (_, view, start, stop, _) in su:
+                with h5py.File(parts / _unit_name(split, view, start), "r") as sf:
+                    reasons = [r.decode() if isinstance(r, bytes) else r for r in sf["bad"][()]]
+                for j, r in enumerate(reasons):
+                    if r:
+                        keep[start + j] = False
+                        bad_rows.setdefault(split, []).append((items[start + j].path, r))
+            n = int(keep.sum())
+            g = f.create_group(f"splits/{split}")
+            g.create_dataset("paths", data=np.asarray([it.path for it, k in zip(items, keep) if k], dtype=object),
+                             dtype=str_dt)
+            g.create_dataset("labels", data=np.asarray([it.label for it, k in zip(items, keep) if k], dtype=np.int64))
+            if split == "train":
+                g.create_dataset("source_index", data=train_rows)
+            lead = (nv, n) if split == "train" else (n,)
+            one = (1, 1) if split == "train" else (1,)
+            dd = g.create_dataset("dense", shape=lead + dshape, dtype=np.dtype(opts.dense_dtype),
+                                  chunks=one + dshape)
+            pd = g.create_dataset("pooled", shape=lead + (D,), dtype=np.float32)
+            dh, ph = ArrayHasher(), ArrayHasher()
+            for view in range(nv):
+                row = 0
+                for (_, v, start, stop, _) in su:
+                    if v != view:
+                        continue
+                    with h5py.File(parts / _unit_name(split, view, start), "r") as sf:
+                        k = keep[start:stop]
+                        dense = sf["dense"][()][k]
+                        pooled = sf["pooled"][()][k]
+                    sel = (view, slice(row, row + len(pooled))) if split == "train" else (slice(row, row + len(pooled)),)
+                    dd[sel] = dense
+                    pd[sel] = pooled
+                    dh.update(dense)
+                    ph.update(pooled)
+                    row += len(pooled)
+            dd.attrs["sha256"] = dh.hexdigest()
+            pd.attrs["sha256"] = ph.hexdigest()
+            g.attrs["views"] = nv
+            g.attrs["num_images"] = n
+        if spec.val_is_test:
+            f["splits/test"] = f["splits/val"]  # a hard link: the same data, stored once
+
+        fs = f.create_group("fewshot")
+        for (k, s), (pos, repl) in sorted(sets.items()):
+            rows = np.searchsorted(train_rows, pos).astype(np.int64)
+            ds = fs.create_dataset(f"K{k}_seed{s}", data=rows)
+            ds.attrs["k"], ds.attrs["seed"] = k, s
+            ds.attrs["with_replacement"] = json.dumps(repl)
+
+        f.create_dataset("classnames", data=np.asarray(spec.classnames, dtype=object), dtype=str_dt)
+        t = f.create_group("text")
+        t.create_dataset("templates", data=np.asarray(templates, dtype=object), dtype=str_dt)
+        t.create_dataset("embeddings", data=emb)
+        t.create_dataset("classifier", data=text_classifier(torch.from_numpy(emb)).numpy())
+        t.attrs["template_set"] = tmpl_label
+        t.attrs["truncated_prompts"] = truncated
+        m = f.create_group("model")
+        m.create_dataset("logit_scale", data=np.float32(bundle.model.logit_scale.exp().item()))
+        ap = m.create_group("attnpool")
+        for name, val in ap_params.items():
+            ap.create_dataset(name, data=val.numpy())
+        ap.attrs["num_heads"] = heads
+        all_bad = [(s, p, r) for s, rows in bad_rows.items() for p, r in rows]
+        all_bad += [("train", p, r) for p, r in sorted(bad_train.items())]
+        b = f.create_group("bad_images")
+        b.create_dataset("split", data=np.asarray([x[0] for x in all_bad], dtype=object), dtype=str_dt)
+        b.create_dataset("path", data=np.asarray([x[1] for x in all_bad], dtype=object), dtype=str_dt)
+        b.create_dataset("reason", data=np.asarray([x[2] for x in all_bad], dtype=object), dtype=str_dt)
+        for name in ("text/embeddings", "text/classifier", "splits/train/labels", "splits/val/labels"):
+            f[name].attrs["sha256"] = array_sha256(f[name][()])
+
+        import open_clip
+        a = f.attrs
+        a["format"] = FORMAT
+        a["schema_version"] = SCHEMA_VERSION
+        a["cachekit_version"] = __version__
+        a["open_clip_version"] = open_clip.__version__
+        a["torch_version"] = torch.__version__
+        a["h5py_version"] = h5py.__version__
+        a["model"] = bundle.name
+        a["checkpoint"] = bundle.checkpoint
+        a["checkpoint_sha256"] = bundle.checkpoint_sha256
+        a["weights"] = bundle.weights_label
+        a["random_weights"] = bundle.random_weights
+        a["init_seed"] = bundle.init_seed
+        a["image_size"] = bundle.image_size
+        a["preprocess"] = json.dumps(bundle.preprocess_cfg, sort_keys=True)
+        a["augment"] = json.dumps({**AugmentedView(bundle.image_size, bundle.preprocess_cfg["mean"],
+                                                   bundle.preprocess_cfg["std"]).params(),
+                                   "seed": opts.aug_seed, "views": V, "view0": "plain (val preprocessing)"},
+                                  sort_keys=True)
+        a["views"] = V
+        a["shots"] = json.dumps(list(opts.shots))
+        a["seeds"] = json.dumps(list(opts.seeds))
+        a["dense_dtype"] = opts.dense_dtype
+        a["dataset_fingerprint"] = spec.fingerprint()
+        a["dataset"] = json.dumps(spec.describe(), sort_keys=True)
+        a["dataset_format"] = spec.source_format
+        a["val_is_test"] = bool(spec.val_is_test)
+        a["identity"] = json.dumps(ident, sort_keys=True)
+        a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        a["embed_dim"] = int(D)
+        a["dense_shape"] = json.dumps(list(dshape))
+    with os_errors(str(out)):
+        publish(tmp, out)
+    return {
+        "cache": str(out),
+        "status": "complete",
+        "weights": bundle.weights_label,
+        "model": bundle.name,
+        "classes": len(spec.classnames),
+        "images": {s: len(v) - len(bad_rows.get(s, [])) for s, v in row_items.items()},
+        "views": V,
+        "shots": list(opts.shots),
+        "seeds": list(opts.seeds),
+        "bad_images": len(all_bad),
+        "val_is_test": bool(spec.val_is_test),
+    }

@@ -1,0 +1,399 @@
+"""SAFE: Semantic-Aware FinE-tuning of CLIP's attention-pooling layer (arXiv 2311.04464), on cached dense maps.
+
+A copy of the attention-pooling layer is fine-tuned on the cached dense maps of augmented train views while
+everything else stays frozen; at inference the feature (or the logits) of the fine-tuned layer is blended with
+the frozen one, the blend weight beta chosen on val only. The paper's body and hyper-parameters were not
+reachable; the defaults follow RAFT (WideStars/RA-FT), the closest public code of the same idea. See
+docs/methods-safe.md.
+
+Everything here is pure: no files, no printing. Progress goes through an optional callback.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cachekit.attnpool import GROUPS, AttnPool
+from cachekit.errors import CachekitError
+from cachekit.methods.base import Selection, accuracy, first_best
+
+CONSISTENCY_KINDS = ("l1", "kl", "none")
+BLEND_MODES = ("feature", "logit")
+#: Default blend grid: 0, 0.02, ..., 1 (51 values, as RAFT searches).
+DEFAULT_GRID: tuple[float, ...] = tuple(i / 50 for i in range(51))
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclass
+class SafeConfig:
+    """Training settings; defaults follow RAFT (see docs/methods-safe.md)."""
+
+    epochs: int = 50
+    lr: float = 1e-4
+    eps: float = 1e-4
+    weight_decay: float = 0.01  # torch's AdamW default, which RAFT uses implicitly
+    warmup_epochs: int = 10
+    min_lr: float = 1e-6
+    batch_size: int = 64
+    train_groups: tuple[str, ...] = ("pos", "qkv", "c_proj")
+    logit_scale: float = 100.0
+    temperature: float = 2.0
+    consistency: str = "l1"
+    consistency_weight: float = 0.5
+    seed: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if isinstance(self.train_groups, str):
+            self.train_groups = (self.train_groups,)
+        elif isinstance(self.train_groups, (list, tuple)):
+            self.train_groups = tuple(self.train_groups)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["train_groups"] = list(self.train_groups)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SafeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CachekitError(
+                f"unknown SAFE setting(s) {', '.join(unknown)}; fix: use only {', '.join(sorted(known))}"
+            )
+        cfg = cls(**dict(d))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "SafeConfig":
+        def bad(name, why):
+            raise CachekitError(f"SAFE setting {name}={getattr(self, name)!r} is invalid: {why}")
+
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+                and math.isfinite(float(v))
+
+        if not is_int(self.epochs) or self.epochs < 1:
+            bad("epochs", "fix: use an integer >= 1")
+        if not is_num(self.lr) or self.lr <= 0:
+            bad("lr", "fix: use a positive number, e.g. 1e-4")
+        if not is_num(self.eps) or self.eps <= 0:
+            bad("eps", "fix: use a positive number, e.g. 1e-4")
+        if not is_num(self.weight_decay) or self.weight_decay < 0:
+            bad("weight_decay", "fix: use a number >= 0")
+        if not is_int(self.warmup_epochs) or not 0 <= self.warmup_epochs <= self.epochs:
+            bad("warmup_epochs", f"fix: use an integer between 0 and epochs ({self.epochs})")
+        if not is_num(self.min_lr) or self.min_lr < 0 or (is_num(self.lr) and self.min_lr > self.lr):
+            bad("min_lr", "fix: use a number between 0 and lr")
+        if not is_int(self.batch_size) or self.batch_size < 1:
+            bad("batch_size", "fix: use an integer >= 1")
+        if not isinstance(self.train_groups, tuple) or not self.train_groups:
+            bad("train_groups", f"fix: name one or more of {', '.join(GROUPS)}")
+        unknown = [g for g in self.train_groups if g not in GROUPS]
+        if unknown or len(set(self.train_groups)) != len(self.train_groups):
+            bad("train_groups", f"fix: name distinct groups among {', '.join(GROUPS)}")
+        if not is_num(self.logit_scale) or self.logit_scale <= 0:
+            bad("logit_scale", "fix: use a positive number, e.g. 100")
+        if not is_num(self.temperature) or self.temperature <= 0:
+            bad("temperature", "fix: use a positive number, e.g. 2")
+        if self.consistency not in CONSISTENCY_KINDS:
+            bad("consistency", f"fix: use one of {', '.join(CONSISTENCY_KINDS)}")
+        if not is_num(self.consistency_weight) or self.consistency_weight < 0:
+            bad("consistency_weight", "fix: use a number >= 0")
+        if not is_int(self.seed):
+            bad("seed", "fix: use an integer")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            bad("device", "fix: use a torch device string such as 'cpu' or 'cuda'")
+        return self
+
+
+def lr_schedule(config: SafeConfig, iters_per_epoch: int) -> np.ndarray:
+    """Per-iteration learning rates: linear warm-up to lr over warmup_epochs, then cosine down to min_lr."""
+    total = config.epochs * iters_per_epoch
+    warm = config.warmup_epochs * iters_per_epoch
+    lrs = np.empty(total, dtype=np.float64)
+    for i in range(total):
+        if i < warm:
+            lrs[i] = config.lr * (i + 1) / warm
+        else:
+            j, span = i - warm, total - warm
+            lrs[i] = config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * j / span))
+    return lrs
+
+
+# ----------------------------------------------------------------------------------------------- sources
+@runtime_checkable
+class DenseSource(Protocol):
+    """Anything that yields dense maps by index: ``len(source)`` and ``source.get(indices) -> (B, C, H, W)``."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, indices: np.ndarray) -> torch.Tensor: ...
+
+
+class TensorSource:
+    """An in-memory dense-map source over a (N, C, H, W) tensor (or numpy array)."""
+
+    def __init__(self, tensor):
+        t = tensor if isinstance(tensor, torch.Tensor) else torch.from_numpy(np.asarray(tensor))
+        if t.dim() != 4 or not t.dtype.is_floating_point:
+            raise CachekitError(
+                f"dense maps must be a float (N, C, H, W) array, got {tuple(t.shape)} {t.dtype}; "
+                "fix: pass the cached dense maps"
+            )
+        self.tensor = t
+
+    def __len__(self) -> int:
+        return int(self.tensor.shape[0])
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return self.tensor[idx]
+
+
+def _check_source(source, labels: torch.Tensor | None, what: str) -> None:
+    if not (hasattr(source, "get") and hasattr(source, "__len__")):
+        raise CachekitError(f"{what} is not a dense-map source; fix: wrap the maps in TensorSource(...)")
+    if len(source) == 0:
+        raise CachekitError(f"{what} is empty; fix: pass at least one dense map")
+    if labels is not None and int(labels.shape[0]) != len(source):
+        raise CachekitError(
+            f"{what} has {len(source)} dense maps but {int(labels.shape[0])} labels; fix: pass one label per map"
+        )
+
+
+def _as_module(params, num_heads: int) -> AttnPool:
+    if isinstance(params, AttnPool):
+        return AttnPool.from_params(params.params(), params.num_heads)
+    return AttnPool.from_params(params, num_heads)
+
+
+@torch.no_grad()
+def _pool_module(source, module: AttnPool, batch_size: int, device: torch.device) -> torch.Tensor:
+    was_training = module.training
+    module.eval()
+    n = len(source)
+    out = []
+    for s in range(0, n, batch_size):
+        x = source.get(np.arange(s, min(n, s + batch_size), dtype=np.int64)).to(device)
+        out.append(F.normalize(module(x), dim=-1).float().cpu())
+    module.train(was_training)
+    return torch.cat(out, dim=0)
+
+
+def pool(source, params, num_heads: int, batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
+    """L2-normalised pooled features (N x D, float32, on CPU) of every map in source, in batches."""
+    _check_source(source, None, "source")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise CachekitError(f"batch_size={batch_size!r} is invalid; fix: use an integer >= 1")
+    dev = torch.device(device)
+    module = _as_module(params, num_heads).to(dev)
+    return _pool_module(source, module, batch_size, dev)
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class SafeFit:
+    """Result of :func:`fit`: fine-tuned attnpool parameters (CPU tensors), per-epoch log, config used."""
+
+    params: dict
+    log: list = field(default_factory=list)
+    config: SafeConfig = field(default_factory=SafeConfig)
+
+
+def _check_W(W: torch.Tensor, out_dim: int) -> None:
+    if W.dim() != 2 or W.shape[1] != out_dim:
+        raise CachekitError(
+            f"text classifier has shape {tuple(W.shape)}, expected (C, {out_dim}); "
+            "fix: pass the normalised C x D classifier of the same model"
+        )
+
+
+def _labels(labels, num_classes: int, what: str) -> torch.Tensor:
+    y = torch.as_tensor(labels).long()
+    if y.dim() != 1:
+        raise CachekitError(f"{what} must be a 1-d vector, got shape {tuple(y.shape)}; fix: pass one int per map")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise CachekitError(f"{what} must lie in 0..{num_classes - 1}; fix: check the labels against the classifier")
+    return y
+
+
+def fit(source, labels, W: torch.Tensor, params, num_heads: int, config: SafeConfig | None = None,
+        val: tuple | None = None, callback: Callable[[dict], None] | None = None) -> SafeFit:
+    """Fine-tune a copy of the attention-pooling layer on dense maps of train views.
+
+    source: dense-map source (train views); labels: (N,) class ids; W: (C, D) L2-normalised text classifier;
+    params: the original attnpool parameters (open_clip names); val: optional (source, labels) whose accuracy
+    (fine-tuned layer alone) is logged per epoch. Returns the fine-tuned parameters and a per-epoch log.
+    """
+    config = SafeConfig() if config is None else config
+    config.validate()
+    dev = torch.device(config.device)
+    frozen = _as_module(params, num_heads).to(dev)
+    _check_W(W, frozen.c_proj.weight.shape[0])
+    Wd = W.detach().to(device=dev, dtype=frozen.c_proj.weight.dtype)
+    C = Wd.shape[0]
+    _check_source(source, torch.as_tensor(labels), "train source")
+    y_all = _labels(labels, C, "train labels").to(dev)
+    if val is not None:
+        val_source, val_labels = val
+        _check_source(val_source, torch.as_tensor(val_labels), "val source")
+        val_y = _labels(val_labels, C, "val labels")
+
+    n = len(source)
+    bs = config.batch_size
+    iters_per_epoch = math.ceil(n / bs)
+    lrs = lr_schedule(config, iters_per_epoch)
+    scale, temp = float(config.logit_scale), float(config.temperature)
+
+    # Frozen CLIP logits of every train view, once (the layer and the maps are both fixed).
+    logits_orig_all = None
+    if config.consistency != "none":
+        f_orig = _pool_module(source, frozen, 256, dev).to(device=dev, dtype=Wd.dtype)
+        logits_orig_all = scale * f_orig @ Wd.t()
+
+    model = _as_module(frozen.params(), num_heads).to(dev)
+    model.requires_grad_(False)
+    trainable = model.param_groups(config.train_groups)
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=float(lrs[0]), eps=config.eps, weight_decay=config.weight_decay)
+
+    gen = torch.Generator().manual_seed(int(config.seed))
+    log: list[dict] = []
+    it = 0
+    for epoch in range(config.epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen).numpy()
+        sums = {"loss": 0.0, "ce": 0.0, "consistency": 0.0}
+        correct = 0
+        for s in range(0, n, bs):
+            # Sorted within the batch: cheaper for HDF5 reads; the batch loss does not depend on order.
+            idx = np.sort(perm[s:s + bs])
+            x = source.get(idx).to(dev)
+            y = y_all[torch.as_tensor(idx, device=dev)]
+            lr = float(lrs[it])
+            for g in opt.param_groups:
+                g["lr"] = lr
+            f_ft = F.normalize(model(x), dim=-1)
+            logits_ft = scale * f_ft @ Wd.t()
+            ce = F.cross_entropy(logits_ft / temp, y)
+            if config.consistency == "none":
+                cons = torch.zeros((), device=dev, dtype=ce.dtype)
+            else:
+                lo = logits_orig_all[torch.as_tensor(idx, device=dev)]
+                if config.consistency == "l1":
+                    cons = (logits_ft - lo).abs().mean()
+                else:  # "kl": KL(softmax(frozen/T) || softmax(ft/T)), mean over the batch
+                    cons = F.kl_div(F.log_softmax(logits_ft / temp, dim=-1), F.log_softmax(lo / temp, dim=-1),
+                                    reduction="batchmean", log_target=True)
+            loss = ce + config.consistency_weight * cons
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            b = len(idx)
+            sums["loss"] += float(loss.detach()) * b
+            sums["ce"] += float(ce.detach()) * b
+            sums["consistency"] += float(cons.detach()) * b
+            correct += int((logits_ft.detach().argmax(dim=-1) == y).sum())
+            it += 1
+        entry = {
+            "epoch": epoch + 1,
+            "loss": sums["loss"] / n,
+            "ce": sums["ce"] / n,
+            "consistency": sums["consistency"] / n,
+            "lr": lr,
+            "train_acc": 100.0 * correct / n,
+            "val_acc": None,
+        }
+        if val is not None:
+            fv = _pool_module(val_source, model, 256, dev).to(Wd.dtype)
+            entry["val_acc"] = accuracy(fv @ Wd.cpu().t(), val_y)
+        log.append(entry)
+        if callback is not None:
+            callback(dict(entry))
+    params_out = {k: v.cpu() for k, v in model.params().items()}
+    return SafeFit(params=params_out, log=log, config=config)
+
+
+# ----------------------------------------------------------------------------------------------- blending
+def blend_features(f_ft: torch.Tensor, f_orig: torch.Tensor, beta: float) -> torch.Tensor:
+    """normalize(beta*f_ft + (1-beta)*f_orig). The end points return the inputs unchanged (beta=0: f_orig)."""
+    beta = float(beta)
+    if beta == 0.0:
+        return f_orig.clone()
+    if beta == 1.0:
+        return f_ft.clone()
+    return F.normalize(beta * f_ft + (1.0 - beta) * f_orig, dim=-1)
+
+
+def blend_logits(logits_ft: torch.Tensor, logits_orig: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta*logits_ft + (1-beta)*logits_orig. The end points return the inputs unchanged (beta=0: orig)."""
+    beta = float(beta)
+    if beta == 0.0:
+        return logits_orig.clone()
+    if beta == 1.0:
+        return logits_ft.clone()
+    return beta * logits_ft + (1.0 - beta) * logits_orig
+
+
+def blended_logits(f_ft: torch.Tensor, f_orig: torch.Tensor, W: torch.Tensor, beta: float,
+                   mode: str = "feature", logit_scale: float = 100.0) -> torch.Tensor:
+    """Logits of the SAFE blend: feature mode scores the blended feature, logit mode blends the two logits."""
+    if mode not in BLEND_MODES:
+        raise CachekitError(f"blend mode {mode!r} is unknown; fix: use one of {', '.join(BLEND_MODES)}")
+    Wt = W.to(f_orig.dtype).t()
+    if mode == "feature":
+        return logit_scale * blend_features(f_ft, f_orig, beta) @ Wt
+    return blend_logits(logit_scale * f_ft @ Wt, logit_scale * f_orig @ Wt, beta)
+
+
+def select_blend(val_f_ft: torch.Tensor, val_f_orig: torch.Tensor, val_y, W: torch.Tensor,
+                 mode: str = "feature", grid: Sequence[float] | None = None,
+                 test_f_ft: torch.Tensor | None = None, test_f_orig: torch.Tensor | None = None,
+                 test_y=None, logit_scale: float = 100.0) -> Selection:
+    """Choose beta on val only (first best over the grid), then report test accuracy once if test is given.
+
+    Features are the L2-normalised pooled features of the fine-tuned (f_ft) and original (f_orig) layers.
+    """
+    if mode not in BLEND_MODES:
+        raise CachekitError(f"blend mode {mode!r} is unknown; fix: use one of {', '.join(BLEND_MODES)}")
+    grid = DEFAULT_GRID if grid is None else tuple(float(b) for b in grid)
+    if not grid or any(not (0.0 <= b <= 1.0) for b in grid):
+        raise CachekitError(f"blend grid {list(grid)} is invalid; fix: give one or more values in [0, 1]")
+    if val_f_ft.shape != val_f_orig.shape:
+        raise CachekitError(
+            f"val features differ in shape: {tuple(val_f_ft.shape)} vs {tuple(val_f_orig.shape)}; "
+            "fix: pool the same val maps with both layers"
+        )
+    vy = torch.as_tensor(val_y).long()
+    counts = []
+    for b in grid:
+        lg = blended_logits(val_f_ft, val_f_orig, W, b, mode, logit_scale)
+        counts.append(int((lg.argmax(dim=-1) == vy).sum()))
+    best = first_best(torch.tensor(counts))
+    beta = grid[best]
+    n_val = int(vy.numel())
+    curve = [100.0 * c / n_val for c in counts]
+    frozen_val = accuracy(blended_logits(val_f_ft, val_f_orig, W, 0.0, mode, logit_scale), vy)
+    extra = {"grid": list(grid), "val_curve": curve, "val_acc_frozen": frozen_val}
+    test_acc = None
+    if test_f_ft is not None or test_f_orig is not None or test_y is not None:
+        if test_f_ft is None or test_f_orig is None or test_y is None:
+            raise CachekitError("test needs test_f_ft, test_f_orig and test_y together; fix: pass all three or none")
+        ty = torch.as_tensor(test_y).long()
+        test_acc = accuracy(blended_logits(test_f_ft, test_f_orig, W, beta, mode, logit_scale), ty)
+        extra["test_acc_frozen"] = accuracy(blended_logits(test_f_ft, test_f_orig, W, 0.0, mode, logit_scale), ty)
+    return Selection(method="safe", params={"beta": beta, "mode": mode}, val_acc=curve[best],
+                     test_acc=test_acc, extra=extra)

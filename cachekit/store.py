@@ -1,0 +1,119 @@
+"""Durable file primitives: atomic publish, writer locks, array checksums.
+
+A published file is only ever created by writing `X.tmp`, fsync-ing it, `os.replace`-ing it onto
+`X` and fsync-ing the directory, so a kill at any moment leaves either the old file or the new
+one, never a torn one. (A SIGKILL'd h5py writer can leave a file HDF5 refuses to open.)
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CacheInUseError, CachekitError
+
+
+def fsync_dir(path: Path):
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def publish(tmp: Path, final: Path):
+    """fsync `tmp`, atomically rename it onto `final`, fsync the directory."""
+    fd = os.open(str(tmp), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def write_json_atomic(path: Path, obj):
+    tmp = tmp_path(path)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+    publish(tmp, path)
+
+
+@contextlib.contextmanager
+def os_errors(what: str):
+    """Turn disk-full / permission / read-only errors into one-line CachekitErrors."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CachekitError(f"no space left while writing {what}; fix: free disk space or choose "
+                                "another --out, then rerun the same command to resume") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise CachekitError(f"cannot write {what}: {exc.strerror}; fix: choose a writable --out "
+                                "location") from None
+        raise
+
+
+class WriterLock:
+    """An exclusive, non-blocking advisory lock on `<target>.lock` held while a command writes.
+
+    The lock file records the holder's PID so a second writer can say who holds it. The kernel
+    drops flock locks when a process dies, so a SIGKILL never leaves a stale lock behind.
+    """
+
+    def __init__(self, target: Path):
+        self.path = Path(str(target) + ".lock")
+        self.fd = None
+
+    def __enter__(self):
+        with os_errors(str(self.path)):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CacheInUseError(f"cache {str(self.path)[:-5]} is in use by PID {holder}; fix: wait for "
+                                  "that command to finish (or stop it) and rerun") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        # The lock file stays: unlinking it would let two writers lock two different inodes.
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class ArrayHasher:
+    """sha256 over an array's C-order bytes, fed in row blocks (so huge datasets stream)."""
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+
+    def update(self, block: np.ndarray):
+        self.h.update(np.ascontiguousarray(block).tobytes())
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def array_sha256(a: np.ndarray) -> str:
+    h = ArrayHasher()
+    h.update(a)
+    return h.hexdigest()

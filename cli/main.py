@@ -1,0 +1,36 @@
+"""The `cachekit` command: a thin click layer over the cachekit library."""
+from __future__ import annotations
+
+import click
+
+from cachekit import __version__
+
+from .common import CONTEXT
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="cachekit")
+def cli():
+    """Run CLIP once into an HDF5 feature cache, then adapt it few-shot many ways.
+
+    Typical flow: extract -> info/verify -> refine -> eval / sweep -> report.
+    """
+
+
+def _register():
+    from . import cache_cmds
+
+    for mod in (cache_cmds,):
+        for cmd in mod.COMMANDS:
+            cli.add_command(cmd)
+
+
+_register()
+
+
+def main():
+    cli(prog_name="cachekit")
+
+
+if __name__ == "__main__":
+    main()
