@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import queue
+import time
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,8 @@ from .store import ArrayHasher, WriterLock, array_sha256, os_errors, publish, tm
 from .templates import resolve_templates
 
 DENSE_DTYPES = ("float16", "float32")
+# Seconds to sleep after each batch: lets the kill tests hit a run part-way, on any machine.
+_UNIT_DELAY = float(os.environ.get("CACHEKIT_UNIT_DELAY", "0") or 0)
 
 
 @dataclass
@@ -313,6 +317,8 @@ def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_i
             q.put((_unit_name(split, view, start), dense, pooled.float().cpu().numpy(), reasons))
             bar.update(stop - start)
             published += 1
+            if _UNIT_DELAY:
+                time.sleep(_UNIT_DELAY)
             if opts._stop_after_units is not None and published >= opts._stop_after_units:
                 break
     finally:
@@ -424,8 +430,8 @@ def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, unit
         a["format"] = FORMAT
         a["schema_version"] = SCHEMA_VERSION
         a["cachekit_version"] = __version__
-        a["open_clip_version"] = open_clip.__version__
-        a["torch_version"] = torch.__version__
+        a["open_clip_version"] = str(open_clip.__version__)
+        a["torch_version"] = str(torch.__version__)
         a["h5py_version"] = h5py.__version__
         a["model"] = bundle.name
         a["checkpoint"] = bundle.checkpoint

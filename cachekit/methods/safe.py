@@ -134,7 +134,7 @@ def lr_schedule(config: SafeConfig, iters_per_epoch: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- sources
 @runtime_checkable
-class DenseSource(Protocol):
+class DenseMapSource(Protocol):
     """Anything that yields dense maps by index: ``len(source)`` and ``source.get(indices) -> (B, C, H, W)``."""
 
     def __len__(self) -> int: ...

@@ -31,65 +31,87 @@ def logits(f: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
 # ----------------------------------------------------------------------------------------------------------
 # Exact vectorised counting of correct predictions of z + alpha * k over a grid of alpha.
 
-_PAIR_BLOCK = 1 << 22  # bound on alphas x candidate pairs held at once
+_PAIR_BLOCK = 1 << 22  # bound on (alphas x candidate pairs) evaluated at once
+_TOL = 1e-4  # relative margin, far above the rounding error of a two-operation logit
+
+
+def correct_rows(zr: torch.Tensor, k: torch.Tensor, yr: torch.Tensor, alphas: torch.Tensor,
+                 zmax: torch.Tensor) -> torch.Tensor:
+    """Which rows are classified correctly at every alpha, in the class-major layout the searches use.
+
+    zr, k (C, R): zero-shot logits and cache term of R rows (rows are samples, or (grid point, sample)
+    pairs); yr (R,) the true class of each row; alphas (A,); zmax (R,) = max_c |zr[c, r]|.
+    Returns bool (A, R): argmax_c(zr[:, r] + alphas[a] * k[:, r]) == yr[r], argmax = first maximum.
+
+    Exact, bit for bit, with the literal evaluation, since every logit it compares is computed with the
+    same two float operations (multiply, then add). Fast because the logits are linear in alpha: a class
+    below the true class by a clear margin at both ends of the alpha range is below it at every alpha in
+    between, and one above it by a clear margin at both ends is above it everywhere. Only the remaining
+    (row, class) pairs, usually few, are evaluated at every alpha.
+    """
+    C, R = k.shape
+    al = alphas.to(dtype=k.dtype).reshape(-1)
+    A = al.numel()
+    lo, hi = float(al.min()), float(al.max())
+    yi = yr.view(1, R)
+    correct = torch.ones(A, R, dtype=torch.bool, device=k.device)
+    # Bounds only (tolerance-checked), so a fused multiply-add is fine here.
+    l_lo = torch.add(zr, k, alpha=lo)
+    l_hi = torch.add(zr, k, alpha=hi)
+    t_lo = l_lo.gather(0, yi).squeeze(0)
+    t_hi = l_hi.gather(0, yi).squeeze(0)
+    l_lo.scatter_(0, yi, float("-inf"))
+    l_hi.scatter_(0, yi, float("-inf"))
+    tol = _TOL * (zmax + max(abs(lo), abs(hi)) * torch.maximum(k.amax(dim=0), -k.amin(dim=0)))
+    open_rows = (l_lo.amax(dim=0) >= t_lo - tol) | (l_hi.amax(dim=0) >= t_hi - tol)
+    r_idx = torch.nonzero(open_rows).squeeze(1)
+    if r_idx.numel() == 0:
+        return correct
+    d_lo = l_lo[:, r_idx] - t_lo[r_idx]
+    d_hi = l_hi[:, r_idx] - t_hi[r_idx]
+    del l_lo, l_hi
+    tol_o = tol[r_idx]
+    # Some class above the true class by the margin at both ends: wrong at every alpha.
+    sure_wrong = (torch.minimum(d_lo, d_hi) > tol_o).any(dim=0)
+    correct[:, r_idx[sure_wrong]] = False
+    # Classes that could tie or beat the true class somewhere in the range: evaluate exactly.
+    cand = (torch.maximum(d_lo, d_hi) >= -tol_o) & ~sure_wrong
+    del d_lo, d_hi
+    c_idx, j_idx = torch.nonzero(cand, as_tuple=True)
+    if c_idx.numel() == 0:
+        return correct
+    wrong = torch.zeros(A, r_idx.numel(), dtype=torch.int32, device=k.device)
+    al_col = al.unsqueeze(1)
+    block = max(1, _PAIR_BLOCK // A)
+    for s in range(0, c_idx.numel(), block):
+        c, j = c_idx[s:s + block], j_idx[s:s + block]
+        r = r_idx[j]
+        t = yr[r]
+        lc = zr[c, r].unsqueeze(0) + al_col * k[c, r].unsqueeze(0)  # (A, P), as z + alpha * k
+        lt = zr[t, r].unsqueeze(0) + al_col * k[t, r].unsqueeze(0)
+        beats = (lc > lt) | ((lc == lt) & (c < t).unsqueeze(0))  # argmax keeps the first maximum
+        wrong.index_add_(1, j, beats.to(torch.int32))
+    correct[:, r_idx] &= wrong == 0
+    return correct
 
 
 def count_correct(z: torch.Tensor, k: torch.Tensor, labels: torch.Tensor,
                   alphas: torch.Tensor) -> torch.Tensor:
     """Correct-prediction counts of the logits z + alpha * k[g], for every g and every alpha at once.
 
-    z (M, C), k (G, M, C), labels (M,), alphas (A,) -> LongTensor (G, A) where
-    out[g, a] = sum_m [argmax_c(z[m] + alphas[a] * k[g, m]) == labels[m]]  (argmax = first maximum).
-
-    Exact: it equals evaluating `z + alphas[a] * k[g]` and `argmax` literally, bit for bit, because every
-    logit it compares is computed with the same two float operations (multiply, then add). It is fast
-    because the logits are linear in alpha: a class that is below the true class by a clear margin at both
-    ends of the alpha range is below it at every alpha in between, and one that is above it by a clear
-    margin at both ends is above it everywhere. Only the remaining (sample, class) pairs, usually few,
-    are evaluated at every alpha.
+    z (M, C), k (G, M, C), labels (M,), alphas (A,) -> LongTensor (G, A) with
+    out[g, a] = sum_m [argmax_c(z[m] + alphas[a] * k[g, m]) == labels[m]] (argmax = first maximum),
+    exactly as the literal evaluation gives it (see `correct_rows`).
     """
     if z.dim() != 2 or k.dim() != 3 or k.shape[1:] != z.shape:
         raise CachekitError(f"count_correct: z {tuple(z.shape)} and k {tuple(k.shape)} do not match; "
                             "fix: pass z (M, C) and k (G, M, C)")
     G, M, C = k.shape
-    al = alphas.to(dtype=z.dtype).reshape(-1)
-    A = al.numel()
-    y = labels.reshape(-1).long()
-    lo, hi = al.min(), al.max()
-    yi = y.view(1, M, 1).expand(G, M, 1)
-
-    d_lo = z + lo * k
-    d_lo = d_lo - d_lo.gather(2, yi)
-    d_hi = z + hi * k
-    d_hi = d_hi - d_hi.gather(2, yi)
-    d_max = torch.maximum(d_lo, d_hi)
-    d_min = torch.minimum(d_lo, d_hi)
-    del d_lo, d_hi
-    # A margin far above the rounding error of the two-operation logits (relative 1e-4 of the row scale).
-    tol = 1e-4 * (z.abs().amax(dim=1).unsqueeze(0) + torch.maximum(lo.abs(), hi.abs()) * k.abs().amax(dim=2))
-    tol = tol.unsqueeze(2)  # (G, M, 1)
-    is_true = torch.zeros(G, M, C, dtype=torch.bool, device=z.device)
-    is_true.scatter_(2, yi, True)
-    always_wrong = ((d_min > tol) & ~is_true).any(dim=2)  # (G, M): some class beats y at every alpha
-    cand = (d_max >= -tol) & ~is_true & ~always_wrong.unsqueeze(2)  # could tie or beat y somewhere
-    del d_max, d_min, is_true
-
-    counts = (~always_wrong).sum(dim=1, dtype=torch.long).unsqueeze(1).repeat(1, A)  # (G, A)
-    g_idx, m_idx, c_idx = torch.nonzero(cand, as_tuple=True)
-    if g_idx.numel() == 0:
-        return counts
-    wrong = torch.zeros(A, G * M, dtype=torch.int32, device=z.device)
-    block = max(1, _PAIR_BLOCK // max(A, 1))
-    al_col = al.unsqueeze(1)
-    for s in range(0, g_idx.numel(), block):
-        g, m, c = g_idx[s:s + block], m_idx[s:s + block], c_idx[s:s + block]
-        t = y[m]
-        lc = z[m, c].unsqueeze(0) + al_col * k[g, m, c].unsqueeze(0)  # (A, P)
-        lt = z[m, t].unsqueeze(0) + al_col * k[g, m, t].unsqueeze(0)
-        beats = (lc > lt) | ((lc == lt) & (c < t).unsqueeze(0))  # argmax keeps the first maximum
-        wrong.index_add_(1, g * M + m, beats.to(torch.int32))
-    counts -= (wrong > 0).view(A, G, M).sum(dim=2).t()
-    return counts
+    y = labels.reshape(-1).long().to(z.device)
+    zr = z.t().unsqueeze(1).expand(C, G, M).reshape(C, G * M)
+    kr = k.permute(2, 0, 1).reshape(C, G * M)
+    ok = correct_rows(zr, kr, y.repeat(G), alphas, z.abs().amax(dim=1).repeat(G))
+    return ok.view(-1, G, M).sum(dim=2, dtype=torch.long).t()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,9 +131,12 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
     z = zeroshot.logits(val_f, W)
     A = affinity(val_f, F)
     al = torch.tensor(alphas, dtype=z.dtype, device=z.device)
+    y = val_y.reshape(-1).long().to(z.device)
+    zr, zmax = z.t().contiguous(), z.abs().amax(dim=1)
     counts = torch.empty(n_beta, n_alpha, dtype=torch.long)
     for i, beta in enumerate(betas):
-        counts[i] = count_correct(z, cache_logits(A, L, beta).unsqueeze(0), val_y, al)[0].cpu()
+        cache = cache_logits(A, L, beta)  # the same operations as `logits`, so the same bits
+        counts[i] = correct_rows(zr, cache.t().contiguous(), y, al, zmax).sum(dim=1).cpu()
     flat = first_best(counts)
     i, j = divmod(flat, n_alpha)
     best = counts.reshape(-1)[flat]

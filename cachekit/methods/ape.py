@@ -1,0 +1,132 @@
+"""APE, training-free (tri-edge): zero-shot on all channels + KL-weighted cache on refined channels.
+
+    R_fW   = 100 f W^T                              (all D channels)
+    A      = f' F'^T                                (x' = channels idx of x, re-L2-normalised)
+    P      = softmax(F' W'^T) over classes          (no x100 scale)
+    div_n  = -log2(P[n, y_n] + 1e-6)                (= KL(onehot(y_n) || P_n) in bits, up to the 1e-6)
+    r_n    = exp(gamma * div_n)
+    logits = R_fW + alpha * exp(-beta (1 - A)) (L * r)   (r scales row n of L)
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import CachekitError
+from . import zeroshot
+from .base import Selection, accuracy, first_best
+from .grids import alpha_grid, beta_grid, gamma_grid
+from .refine import refine
+from .tip import cache_logits, correct_rows
+
+#: Added inside the log of the KL term, as in the authors' code.
+KL_EPS = 1e-6
+
+
+def kl_divergence_bits(F_ref: torch.Tensor, W_ref: torch.Tensor, key_labels: torch.Tensor) -> torch.Tensor:
+    """div (N,) = -log2(P[n, y_n] + 1e-6) with P = softmax(F_ref @ W_ref.T, over classes), no x100 scale.
+
+    This is KL(onehot(y_n) || P_n) in bits, except for the 1e-6 inside the log.
+    """
+    P = torch.softmax(F_ref @ W_ref.t(), dim=1)
+    p_true = P.gather(1, key_labels.reshape(-1, 1).long()).squeeze(1)
+    return -torch.log2(p_true + KL_EPS)
+
+
+def entry_weights(div: torch.Tensor, gamma: float) -> torch.Tensor:
+    """r (N,) = exp(gamma * div): cache entries the text classifier gets wrong weigh more."""
+    return torch.exp(gamma * div)
+
+
+def logits(f: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor, key_labels: torch.Tensor,
+           idx: torch.Tensor, alpha: float, beta: float, gamma: float) -> torch.Tensor:
+    """APE training-free logits (M, C); idx are the refined channels (refine.select_channels)."""
+    f_r, F_r, W_r = refine(f, idx), refine(F, idx), refine(W, idx)
+    r = entry_weights(kl_divergence_bits(F_r, W_r, key_labels), gamma)
+    return zeroshot.logits(f, W) + alpha * cache_logits(f_r @ F_r.t(), L * r.unsqueeze(1), beta)
+
+
+def _check_one_hot(L: torch.Tensor, key_labels: torch.Tensor, C: int) -> torch.Tensor:
+    y = key_labels.reshape(-1).long()
+    if L.dim() != 2 or L.shape != (y.numel(), C):
+        raise CachekitError(f"cache values L {tuple(L.shape)} do not match {y.numel()} key labels and C={C} "
+                            "classes; fix: pass L = one_hot(key_labels, C) as float")
+    if y.numel() == 0:
+        raise CachekitError("the cache holds no keys; fix: build the cache with at least one shot per class")
+    if int(y.min()) < 0 or int(y.max()) >= C:
+        raise CachekitError(f"key labels must lie in 0..{C - 1}; fix: pass 0-based labels matching W")
+    if not torch.equal(L, torch.nn.functional.one_hot(y, C).to(L.dtype)):
+        raise CachekitError("cache values L are not the one-hot of key_labels; "
+                            "fix: pass L = one_hot(key_labels, C) as float")
+    return y
+
+
+def _class_layout(y: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, Kmax) key index per class slot (padding points at key 0) and the mask of real slots."""
+    order = torch.sort(y, stable=True).indices
+    per_class = torch.bincount(y, minlength=C)
+    kmax = max(int(per_class.max()), 1)
+    start = torch.cumsum(per_class, 0) - per_class
+    ys = y[order]
+    pos = torch.arange(y.numel()) - start[ys]
+    index = torch.zeros(C, kmax, dtype=torch.long)
+    mask = torch.zeros(C, kmax, dtype=torch.bool)
+    index[ys, pos] = order
+    mask[ys, pos] = True
+    return index, mask
+
+
+def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
+           key_labels: torch.Tensor, idx: torch.Tensor, test_f: torch.Tensor | None = None,
+           test_y: torch.Tensor | None = None, s: tuple = (7, 7, 1), n: tuple = (200, 20, 20)) -> Selection:
+    """Grid-search (beta, alpha, gamma) on val by accuracy; apply the best once to test.
+
+    s = (s_beta, s_alpha, s_gamma), n = (n_beta, n_alpha, n_gamma); beta_i = 0.1 + i (s_beta - 0.1)/n_beta,
+    alpha_j = 0.1 + j (s_alpha - 0.1)/n_alpha, gamma_k = k s_gamma/n_gamma. Visiting order beta, alpha,
+    gamma (gamma innermost); on equal val accuracy the first point in that order wins.
+    """
+    betas, alphas, gammas = beta_grid(s[0], n[0]), alpha_grid(s[1], n[1]), gamma_grid(s[2], n[2])
+    C = W.shape[0]
+    y_keys = _check_one_hot(L, key_labels, C)
+    dt = val_f.dtype
+    z = zeroshot.logits(val_f, W)
+    F_r, W_r = refine(F, idx), refine(W, idx)
+    A = refine(val_f, idx) @ F_r.t()  # (M, N)
+    div = kl_divergence_bits(F_r, W_r, y_keys)  # (N,)
+
+    # Keys laid out per class (C, Kmax), so the cache term for every gamma is one batched matmul:
+    # cache[c, g, m] = sum over keys n of class c of L[n, c] * r_g[n] * exp(beta (A[m, n] - 1)).
+    index, mask = _class_layout(y_keys.cpu(), C)
+    index, mask = index.to(val_f.device), mask.to(val_f.device)
+    A_minus_1 = (A.t()[index] - 1).contiguous()  # (C, Kmax, M); padding slots get zero weight below
+    g_t = torch.tensor(gammas, dtype=dt, device=val_f.device)
+    value = L[index, torch.arange(C, device=val_f.device).unsqueeze(1)] * mask.to(dt)  # (C, Kmax)
+    R_pad = torch.exp(g_t.view(1, -1, 1) * div[index].unsqueeze(1)) * value.unsqueeze(1)  # (C, G, Kmax)
+    al = torch.tensor(alphas, dtype=dt, device=val_f.device)
+
+    # Rows of the search are (gamma, sample) pairs: row g * M + m.
+    G, M = len(gammas), z.shape[0]
+    y = val_y.reshape(-1).long().to(val_f.device)
+    zr = z.t().unsqueeze(1).expand(C, G, M).reshape(C, G * M)
+    yr, zmax = y.repeat(G), z.abs().amax(dim=1).repeat(G)
+    E = torch.empty_like(A_minus_1)
+    cache = torch.empty(C, G, M, dtype=dt, device=val_f.device)
+    counts = torch.empty(len(betas), len(alphas), len(gammas), dtype=torch.long)
+    for i, beta in enumerate(betas):
+        torch.exp(torch.mul(A_minus_1, beta, out=E), out=E)  # exp(-beta (1 - A))
+        torch.bmm(R_pad, E, out=cache)  # (C, G, M)
+        ok = correct_rows(zr, cache.view(C, G * M), yr, al, zmax)  # (A, G * M)
+        counts[i] = ok.view(-1, G, M).sum(dim=2, dtype=torch.long).cpu()  # (A, G)
+    flat = first_best(counts)
+    i, rest = divmod(flat, len(alphas) * len(gammas))
+    j, k = divmod(rest, len(gammas))
+    best = counts.reshape(-1)[flat]
+    params = {"beta": betas[i], "alpha": alphas[j], "gamma": gammas[k]}
+    val_acc = float(best.item()) * 100.0 / val_y.numel()
+    test_acc = None
+    if test_f is not None and test_y is not None:
+        test_acc = accuracy(logits(test_f, W, F, L, y_keys, idx, params["alpha"], params["beta"],
+                                   params["gamma"]), test_y)
+    extra = {"grid_index": (i, j, k), "grid_order": ("beta", "alpha", "gamma"),
+             "grid": {"s": tuple(s), "n": tuple(n)}, "channels": int(idx.numel()),
+             "ties": int((counts == best).sum().item())}
+    return Selection(method="ape", params=params, val_acc=val_acc, test_acc=test_acc, extra=extra)

@@ -1,0 +1,215 @@
+"""extract: exactness of the cached path against the full model, resume, formats, refusals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from cachekit.cache import open_cache
+from cachekit.errors import CachekitError
+from cachekit.extract import extract
+from conftest import extract_opts, make_tree
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_cached_path_equals_full_model(tiny_cache, tree):
+    """attnpool(cached dense) == stored pooled == a fresh encode_image of the same image."""
+    from cachekit.attnpool import attnpool_single_query
+    from cachekit.augment import AugmentedView, plain_transform
+    from cachekit.data import load_image
+    from cachekit.models import load_model
+
+    bundle = load_model("RN-tiny", None, init_seed=0)
+    pre = bundle.preprocess_cfg
+    with open_cache(tiny_cache) as c:
+        params, heads = c.attnpool_params()
+        for split in ("val", "test"):
+            rows = np.arange(c.num_images(split))
+            dense, pooled = c.dense(split, rows), c.pooled(split)
+            x = torch.stack([plain_transform(bundle.image_size, pre["mean"], pre["std"])(load_image(tree / p))
+                             for p in c.paths(split)])
+            with torch.no_grad():
+                fresh = bundle.model.encode_image(x)
+                repooled = attnpool_single_query(dense, params, heads)
+            assert _rel(repooled, pooled) < 1e-5
+            assert _rel(pooled, fresh) < 1e-5
+        # An augmented train view is reproducible from (aug seed, path, view) alone.
+        aug = AugmentedView(bundle.image_size, pre["mean"], pre["std"])
+        paths = c.paths("train")
+        for view in (1, 2):
+            x = torch.stack([aug(load_image(tree / p), 0, p, view) for p in paths])
+            with torch.no_grad():
+                fresh = bundle.model.encode_image(x)
+            assert _rel(c.pooled("train", view=view), fresh) < 1e-5
+        assert c.random_weights and "random weights" in c.weights_label
+
+
+def test_fewshot_sets_and_union(tiny_cache):
+    with open_cache(tiny_cache) as c:
+        assert c.fewshot_names() == [(1, 1), (1, 2), (2, 1), (2, 2)]
+        union = set()
+        for k, s in c.fewshot_names():
+            rows = c.fewshot(k, s)
+            assert len(rows) == 3 * k
+            assert c.train_labels(k, s).tolist() == np.repeat(np.arange(3), k).tolist()
+            union |= set(rows.tolist())
+        # each train image is encoded once, and only the sampled ones are encoded
+        assert union == set(range(c.num_images("train")))
+        assert len(set(c.paths("train"))) == c.num_images("train")
+        F, y = c.train_keys(2, 1)
+        assert F.shape == (6, c.embed_dim) and torch.allclose(F.norm(dim=-1), torch.ones(6))
+        X, yv = c.train_views(2, 1)
+        assert X.shape == (2 * 6, c.embed_dim) and yv.tolist() == y.tolist() * 2
+
+
+def test_rerun_is_noop_and_mismatch_refused(tiny_cache, tree):
+    assert extract(extract_opts(tree, tiny_cache))["status"] == "already complete"
+    with pytest.raises(CachekitError, match="init_seed"):
+        extract(extract_opts(tree, tiny_cache, init_seed=5))
+    with pytest.raises(CachekitError, match="views"):
+        extract(extract_opts(tree, tiny_cache, views=3))
+
+
+def test_overwrite_rebuilds(tmp_path):
+    data = make_tree(tmp_path / "d", classes=2, per_class=5)
+    out = tmp_path / "c.h5"
+    extract(extract_opts(data, out, shots=(1,), seeds=(1,), views=1))
+    res = extract(extract_opts(data, out, shots=(1,), seeds=(1,), views=1, init_seed=3, overwrite=True))
+    assert res["status"] == "complete"
+    with open_cache(out) as c:
+        assert c.meta["init_seed"] == 3
+
+
+def _arrays(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def _assert_same_arrays(a, b):
+    pa, pb = _arrays(a), _arrays(b)
+    assert sorted(pa) == sorted(pb)
+    for k in pa:
+        assert np.array_equal(pa[k], pb[k]), k
+
+
+def test_resume_after_in_process_stop(tmp_path, tree):
+    ref = tmp_path / "ref.h5"
+    extract(extract_opts(tree, ref))
+    out = tmp_path / "out.h5"
+    extract(extract_opts(tree, out, _stop_after_units=3))
+    assert not out.exists() and len(list((tmp_path / "out.h5.parts").glob("seg-*.h5"))) == 3
+    extract(extract_opts(tree, out))
+    _assert_same_arrays(ref, out)
+    assert not (tmp_path / "out.h5.parts").exists()
+
+
+def _cli(*args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return [sys.executable, "-m", "cachekit", *args], env
+
+
+def test_resume_after_sigkill(tmp_path, tree):
+    """A real SIGKILL of the extract process part-way, then a rerun: same arrays as uninterrupted."""
+    args = ["extract", str(tree), "--model", "RN-tiny", "--shots", "1,2", "--seeds", "1,2", "--views", "2",
+            "--batch-size", "2", "--dense-dtype", "float32", "-q"]
+    ref = tmp_path / "ref.h5"
+    extract(extract_opts(tree, ref, batch_size=2))
+    out = tmp_path / "out.h5"
+    parts = tmp_path / "out.h5.parts"
+    cmd, env = _cli(*args, "--out", str(out), env_extra={"CACHEKIT_UNIT_DELAY": "0.2"})
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("seg-*.h5"))) < 3:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    n_before = len(list(parts.glob("seg-*.h5")))
+    assert n_before >= 3 and not out.exists()
+    cmd, env = _cli(*args, "--out", str(out))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _assert_same_arrays(ref, out)
+
+
+def test_coop_and_manifest_formats(tmp_path):
+    data = make_tree(tmp_path / "imgs", classes=2, per_class=6)
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    split = {"train": [], "val": [], "test": []}
+    rows = []
+    for i, rel in enumerate(files):
+        lab = int(rel.split("/")[0].split("_")[1])
+        s = ("train", "train", "train", "val", "test", "test")[i % 6]
+        split[s].append([rel, lab, f"thing {lab}"])
+        rows.append((rel, f"thing {lab}", s))
+    sj = tmp_path / "split_zhou_Test.json"
+    sj.write_text(json.dumps(split))
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label,split\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    for src in (sj, csv):
+        out = tmp_path / f"{src.stem}.h5"
+        extract(extract_opts(src, out, image_root=str(data), shots=(1,), seeds=(1,), views=1))
+        with open_cache(out) as c:
+            assert c.classnames == ["thing 0", "thing 1"]
+            assert c.num_images("val") == len(split["val"]) and c.num_images("test") == len(split["test"])
+            assert c.meta["dataset_format"] == ("coop" if src is sj else "manifest")
+
+
+def test_bad_image_error_and_skip(tmp_path):
+    root = tmp_path / "d"
+    for split, n in (("train", 5), ("val", 3), ("test", 3)):
+        make_tree(root / split, classes=2, per_class=n, seed=len(split))
+    broken = b"\x89PNG\r\n\x1a\n not really a png"
+    (root / "val" / "class_1" / "zz_broken.png").write_bytes(broken)
+    (root / "train" / "class_0" / "zz_broken.png").write_bytes(broken)
+    out = tmp_path / "c.h5"
+    # K=6 samples every train image of class_0, the broken one included.
+    with pytest.raises(CachekitError, match="train/class_0/zz_broken.png"):
+        extract(extract_opts(root, out, shots=(6,), seeds=(1,), views=1))
+    with pytest.raises(CachekitError, match="val/class_1/zz_broken.png"):
+        extract(extract_opts(root, out, shots=(1,), seeds=(1,), views=1, overwrite=True))
+    assert not out.exists()
+    extract(extract_opts(root, out, shots=(6,), seeds=(1,), views=1, skip_bad=True, overwrite=True))
+    with open_cache(out) as c:
+        assert sorted((b["split"], b["path"]) for b in c.bad_images()) == [
+            ("train", "train/class_0/zz_broken.png"), ("val", "val/class_1/zz_broken.png")]
+        assert all("zz_broken" not in p for s in ("train", "val", "test") for p in c.paths(s))
+        assert c.num_images("val") == 6
+        assert c.with_replacement(6, 1) == [0, 1]  # 5 good images left per class < K=6
+
+
+def test_val_is_test_hard_link(tmp_path):
+    root = tmp_path / "d"
+    make_tree(root / "train", classes=2, per_class=5)
+    make_tree(root / "val", classes=2, per_class=3, seed=1)
+    out = tmp_path / "c.h5"
+    extract(extract_opts(root, out, shots=(1,), seeds=(1,), views=1))
+    with open_cache(out) as c:
+        assert c.val_is_test
+        assert torch.equal(c.pooled("val"), c.pooled("test"))
+    with h5py.File(out, "r") as f:
+        assert f["splits/val"] == f["splits/test"]  # the same object: stored once
+
+
+def test_second_writer_refused(tmp_path, tree):
+    from cachekit.store import WriterLock
+
+    out = tmp_path / "c.h5"
+    with WriterLock(out):
+        cmd, env = _cli("extract", str(tree), "--model", "RN-tiny", "--out", str(out), "-q")
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert f"in use by PID {os.getpid()}" in r.stderr and "Traceback" not in r.stderr
