@@ -18,9 +18,9 @@ def cli():
 
 
 def _register():
-    from . import cache_cmds
+    from . import cache_cmds, method_cmds, pipeline_cmds
 
-    for mod in (cache_cmds,):
+    for mod in (cache_cmds, method_cmds, pipeline_cmds):
         for cmd in mod.COMMANDS:
             cli.add_command(cmd)
 

@@ -16,7 +16,7 @@ from . import zeroshot
 from .base import Selection, accuracy, first_best
 from .grids import alpha_grid, beta_grid, gamma_grid
 from .refine import refine
-from .tip import cache_logits, correct_rows
+from .tip import RowSetup, cache_logits, correct_rows
 
 #: Added inside the log of the KL term, as in the authors' code.
 KL_EPS = 1e-6
@@ -105,16 +105,14 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
 
     # Rows of the search are (gamma, sample) pairs: row g * M + m.
     G, M = len(gammas), z.shape[0]
-    y = val_y.reshape(-1).long().to(val_f.device)
-    zr = z.t().unsqueeze(1).expand(C, G, M).reshape(C, G * M)
-    yr, zmax = y.repeat(G), z.abs().amax(dim=1).repeat(G)
+    rows = RowSetup(z, val_y, G)
     E = torch.empty_like(A_minus_1)
     cache = torch.empty(C, G, M, dtype=dt, device=val_f.device)
     counts = torch.empty(len(betas), len(alphas), len(gammas), dtype=torch.long)
     for i, beta in enumerate(betas):
         torch.exp(torch.mul(A_minus_1, beta, out=E), out=E)  # exp(-beta (1 - A))
         torch.bmm(R_pad, E, out=cache)  # (C, G, M)
-        ok = correct_rows(zr, cache.view(C, G * M), yr, al, zmax)  # (A, G * M)
+        ok = correct_rows(rows, cache.view(C, G * M), al)  # (A, G * M)
         counts[i] = ok.view(-1, G, M).sum(dim=2, dtype=torch.long).cpu()  # (A, G)
     flat = first_best(counts)
     i, rest = divmod(flat, len(alphas) * len(gammas))

@@ -35,63 +35,86 @@ _PAIR_BLOCK = 1 << 22  # bound on (alphas x candidate pairs) evaluated at once
 _TOL = 1e-4  # relative margin, far above the rounding error of a two-operation logit
 
 
-def correct_rows(zr: torch.Tensor, k: torch.Tensor, yr: torch.Tensor, alphas: torch.Tensor,
-                 zmax: torch.Tensor) -> torch.Tensor:
+class RowSetup:
+    """What the exact counter needs about the zero-shot logits, computed once per search.
+
+    Rows are samples repeated `G` times (row g * M + m is sample m in the g-th cache variant).
+    zr (C, R): zero-shot logits z[m, c]; zd (C, R): z[m, c] - z[m, y_m], with -inf at c = y_m;
+    yr (R,): true class; zmax (R,): max_c |z[m, c]|. Also holds reusable work buffers.
+    """
+
+    def __init__(self, z: torch.Tensor, labels: torch.Tensor, G: int = 1):
+        M, C = z.shape
+        y = labels.reshape(-1).long().to(z.device)
+        if y.numel() != M:
+            raise CachekitError(f"{y.numel()} labels for {M} samples; fix: pass one label per sample")
+        zt = z.t()
+        zd = zt - zt.gather(0, y.view(1, M))
+        zd.scatter_(0, y.view(1, M), float("-inf"))
+        self.M, self.G, self.C, self.R = M, G, C, G * M
+        self.zr = zt.unsqueeze(1).expand(C, G, M).reshape(C, G * M).contiguous()
+        self.zd = zd.unsqueeze(1).expand(C, G, M).reshape(C, G * M).contiguous()
+        self.yr = y.repeat(G)
+        self.y_flat = self.yr * self.R + torch.arange(self.R, device=z.device)  # flat index of (y_r, r)
+        self.zmax = z.abs().amax(dim=1).repeat(G)
+        self._buf = [torch.empty(C, G * M, dtype=z.dtype, device=z.device) for _ in range(3)]
+        self._mask = torch.empty(C, G * M, dtype=torch.bool, device=z.device)
+
+
+def correct_rows(rows: RowSetup, k: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
     """Which rows are classified correctly at every alpha, in the class-major layout the searches use.
 
-    zr, k (C, R): zero-shot logits and cache term of R rows (rows are samples, or (grid point, sample)
-    pairs); yr (R,) the true class of each row; alphas (A,); zmax (R,) = max_c |zr[c, r]|.
+    k (C, R): cache term of each row (see RowSetup); alphas (A,).
     Returns bool (A, R): argmax_c(zr[:, r] + alphas[a] * k[:, r]) == yr[r], argmax = first maximum.
 
     Exact, bit for bit, with the literal evaluation, since every logit it compares is computed with the
     same two float operations (multiply, then add). Fast because the logits are linear in alpha: a class
     below the true class by a clear margin at both ends of the alpha range is below it at every alpha in
     between, and one above it by a clear margin at both ends is above it everywhere. Only the remaining
-    (row, class) pairs, usually few, are evaluated at every alpha.
+    (row, class) pairs, usually a few per row, are evaluated at every alpha.
     """
     C, R = k.shape
-    al = alphas.to(dtype=k.dtype).reshape(-1)
+    if (C, R) != (rows.C, rows.R):
+        raise CachekitError(f"cache term {tuple(k.shape)} does not match the rows ({rows.C}, {rows.R}); "
+                            "fix: pass k as (C, G * M)")
+    k = k.contiguous()
+    al = alphas.to(dtype=k.dtype, device=k.device).reshape(-1)
     A = al.numel()
     lo, hi = float(al.min()), float(al.max())
-    yi = yr.view(1, R)
     correct = torch.ones(A, R, dtype=torch.bool, device=k.device)
-    # Bounds only (tolerance-checked), so a fused multiply-add is fine here.
-    l_lo = torch.add(zr, k, alpha=lo)
-    l_hi = torch.add(zr, k, alpha=hi)
-    t_lo = l_lo.gather(0, yi).squeeze(0)
-    t_hi = l_hi.gather(0, yi).squeeze(0)
-    l_lo.scatter_(0, yi, float("-inf"))
-    l_hi.scatter_(0, yi, float("-inf"))
-    tol = _TOL * (zmax + max(abs(lo), abs(hi)) * torch.maximum(k.amax(dim=0), -k.amin(dim=0)))
-    open_rows = (l_lo.amax(dim=0) >= t_lo - tol) | (l_hi.amax(dim=0) >= t_hi - tol)
-    r_idx = torch.nonzero(open_rows).squeeze(1)
-    if r_idx.numel() == 0:
-        return correct
-    d_lo = l_lo[:, r_idx] - t_lo[r_idx]
-    d_hi = l_hi[:, r_idx] - t_hi[r_idx]
-    del l_lo, l_hi
-    tol_o = tol[r_idx]
+    kd, d_lo, d_hi = rows._buf
+    # Bounds only (checked with a margin), so their rounding does not matter.
+    k_true = k.view(-1).index_select(0, rows.y_flat)  # (R,)
+    torch.sub(k, k_true, out=kd)
+    torch.add(rows.zd, kd, alpha=lo, out=d_lo)  # -inf at the true class
+    torch.add(rows.zd, kd, alpha=hi, out=d_hi)
+    tol = _TOL * (rows.zmax + max(abs(lo), abs(hi)) * torch.maximum(k.amax(dim=0), -k.amin(dim=0)))
+    d_max = torch.maximum(d_lo, d_hi, out=kd)
+    d_min = torch.minimum(d_lo, d_hi, out=d_lo)
     # Some class above the true class by the margin at both ends: wrong at every alpha.
-    sure_wrong = (torch.minimum(d_lo, d_hi) > tol_o).any(dim=0)
-    correct[:, r_idx[sure_wrong]] = False
+    sure_wrong = d_min.amax(dim=0) > tol
+    correct[:, sure_wrong] = False
     # Classes that could tie or beat the true class somewhere in the range: evaluate exactly.
-    cand = (torch.maximum(d_lo, d_hi) >= -tol_o) & ~sure_wrong
-    del d_lo, d_hi
-    c_idx, j_idx = torch.nonzero(cand, as_tuple=True)
-    if c_idx.numel() == 0:
+    cand = torch.ge(d_max, -tol, out=rows._mask)
+    cand &= ~sure_wrong
+    flat = torch.nonzero(cand.view(-1)).squeeze(1)
+    if flat.numel() == 0:
         return correct
-    wrong = torch.zeros(A, r_idx.numel(), dtype=torch.int32, device=k.device)
+    wrong = torch.zeros(A, R, dtype=torch.bool, device=k.device)
     al_col = al.unsqueeze(1)
+    zr_flat, k_flat = rows.zr.view(-1), k.view(-1)
     block = max(1, _PAIR_BLOCK // A)
-    for s in range(0, c_idx.numel(), block):
-        c, j = c_idx[s:s + block], j_idx[s:s + block]
-        r = r_idx[j]
-        t = yr[r]
-        lc = zr[c, r].unsqueeze(0) + al_col * k[c, r].unsqueeze(0)  # (A, P), as z + alpha * k
-        lt = zr[t, r].unsqueeze(0) + al_col * k[t, r].unsqueeze(0)
+    for s in range(0, flat.numel(), block):
+        f = flat[s:s + block]
+        c, r = f // R, f % R
+        t = rows.yr[r]
+        ft = rows.y_flat[r]
+        lc = zr_flat[f].unsqueeze(0) + al_col * k_flat[f].unsqueeze(0)  # (A, P), as z + alpha * k
+        lt = zr_flat[ft].unsqueeze(0) + al_col * k_flat[ft].unsqueeze(0)
         beats = (lc > lt) | ((lc == lt) & (c < t).unsqueeze(0))  # argmax keeps the first maximum
-        wrong.index_add_(1, j, beats.to(torch.int32))
-    correct[:, r_idx] &= wrong == 0
+        a_i, p_i = torch.nonzero(beats, as_tuple=True)
+        wrong[a_i, r[p_i]] = True
+    correct &= ~wrong
     return correct
 
 
@@ -107,10 +130,7 @@ def count_correct(z: torch.Tensor, k: torch.Tensor, labels: torch.Tensor,
         raise CachekitError(f"count_correct: z {tuple(z.shape)} and k {tuple(k.shape)} do not match; "
                             "fix: pass z (M, C) and k (G, M, C)")
     G, M, C = k.shape
-    y = labels.reshape(-1).long().to(z.device)
-    zr = z.t().unsqueeze(1).expand(C, G, M).reshape(C, G * M)
-    kr = k.permute(2, 0, 1).reshape(C, G * M)
-    ok = correct_rows(zr, kr, y.repeat(G), alphas, z.abs().amax(dim=1).repeat(G))
+    ok = correct_rows(RowSetup(z, labels, G), k.permute(2, 0, 1).reshape(C, G * M), alphas)
     return ok.view(-1, G, M).sum(dim=2, dtype=torch.long).t()
 
 
@@ -131,12 +151,11 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
     z = zeroshot.logits(val_f, W)
     A = affinity(val_f, F)
     al = torch.tensor(alphas, dtype=z.dtype, device=z.device)
-    y = val_y.reshape(-1).long().to(z.device)
-    zr, zmax = z.t().contiguous(), z.abs().amax(dim=1)
+    rows = RowSetup(z, val_y)
     counts = torch.empty(n_beta, n_alpha, dtype=torch.long)
     for i, beta in enumerate(betas):
         cache = cache_logits(A, L, beta)  # the same operations as `logits`, so the same bits
-        counts[i] = correct_rows(zr, cache.t().contiguous(), y, al, zmax).sum(dim=1).cpu()
+        counts[i] = correct_rows(rows, cache.t().contiguous(), al).sum(dim=1).cpu()
     flat = first_best(counts)
     i, j = divmod(flat, n_alpha)
     best = counts.reshape(-1)[flat]

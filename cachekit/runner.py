@@ -1,0 +1,190 @@
+"""Run methods on a cache: load the tensors once per (K, seed), select on val, report test.
+
+This is the only place that joins the cache (files) and the methods (pure tensor functions).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from . import __version__
+from .cache import Cache
+from .errors import CachekitError
+from .methods import ape, refine, tip, zeroshot
+
+TRAINING_FREE = ("zeroshot", "tip", "ape", "gda")
+TRAINED = ("tipf", "apet", "safe", "safe-a")
+
+# User-settable hyper-parameters per method and their defaults (presets and --set override them).
+DEFAULTS: dict[str, dict] = {
+    "zeroshot": {},
+    "tip": {"s": [7, 7], "n": [200, 20]},
+    "ape": {"top_k": 500, "weights": [0.5, 0.5], "s": [7, 7, 1], "n": [200, 20, 20]},
+    "gda": {},
+}
+
+
+@dataclass
+class Inputs:
+    """Everything the training-free methods read, for one few-shot set."""
+
+    W: torch.Tensor  # (C, D) text classifier
+    F: torch.Tensor  # (N, D) keys: mean of augmented views, normalised
+    key_labels: torch.Tensor  # (N,)
+    L: torch.Tensor  # (N, C) one-hot
+    val_f: torch.Tensor
+    val_y: torch.Tensor
+    test_f: torch.Tensor
+    test_y: torch.Tensor
+
+
+def method_params(method: str, overrides: dict | None = None) -> dict:
+    if method not in DEFAULTS:
+        raise CachekitError(f"unknown method {method!r}; fix: one of {', '.join(DEFAULTS)}")
+    params = dict(DEFAULTS[method])
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k not in params:
+            valid = ", ".join(params) or "none"
+            raise CachekitError(f"method {method} has no parameter {k!r}; fix: valid parameters are {valid}")
+        params[k] = v
+    return params
+
+
+def refine_channels(W, F, key_labels, top_k: int, weights=(0.5, 0.5), text_only: bool = False):
+    """APE's channel selection: (indices of the top-Q channels, per-channel scores)."""
+    w0, w1 = (float(w) for w in weights)
+    sc = refine.scores(W, None if text_only else F, None if text_only else key_labels, w0=w0, w1=w1,
+                       text_only=text_only)
+    return refine.select_channels(sc, int(top_k)), sc
+
+
+class Runner:
+    """Runs methods on one open cache. Inputs are loaded once per (K, seed) and reused."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self._inputs = lru_cache(maxsize=8)(self._load)
+
+    def inputs(self, k: int, seed: int) -> Inputs:
+        return self._inputs(int(k), int(seed))
+
+    def _load(self, k: int, seed: int) -> Inputs:
+        c = self.cache
+        F, y = c.train_keys(k, seed)
+        return Inputs(W=c.text_classifier(), F=F, key_labels=y,
+                      L=torch.nn.functional.one_hot(y, c.num_classes).float(),
+                      val_f=c.features("val"), val_y=c.labels("val"),
+                      test_f=c.features("test"), test_y=c.labels("test"))
+
+    @property
+    def selection_label(self) -> str:
+        return "val (val and test are the same data)" if self.cache.val_is_test else "val"
+
+    def run(self, method: str, k: int, seed: int, overrides: dict | None = None) -> dict:
+        """One method on one few-shot set: hyper-parameters chosen on val, then test once."""
+        params = method_params(method, overrides)
+        x = self.inputs(k, seed)
+        t0 = time.perf_counter()
+        extra = {}
+        if method == "zeroshot":
+            sel = zeroshot.select(x.val_f, x.val_y, x.W, x.test_f, x.test_y)
+        elif method == "tip":
+            sel = tip.select(x.val_f, x.val_y, x.W, x.F, x.L, x.test_f, x.test_y,
+                             s_beta=params["s"][0], s_alpha=params["s"][1],
+                             n_beta=params["n"][0], n_alpha=params["n"][1])
+        elif method == "ape":
+            idx, _ = refine_channels(x.W, x.F, x.key_labels, params["top_k"], params["weights"])
+            sel = ape.select(x.val_f, x.val_y, x.W, x.F, x.L, x.key_labels, idx, x.test_f, x.test_y,
+                             s=tuple(params["s"]), n=tuple(params["n"]))
+        elif method == "gda":
+            from .methods import gda
+
+            X, yv = self.cache.train_views(k, seed)
+            sel = gda.select(x.val_f, x.val_y, x.W, X, yv, self.cache.num_classes, x.test_f, x.test_y)
+        else:
+            raise CachekitError(f"unknown method {method!r}; fix: one of {', '.join(DEFAULTS)}")
+        return self.record(method, k, seed, params, sel, time.perf_counter() - t0, extra)
+
+    def record(self, method, k, seed, config, sel, seconds, extra=None) -> dict:
+        m = self.cache.meta
+        return {
+            "method": method,
+            "shots": int(k),
+            "seed": int(seed),
+            "metrics": {"val_acc": sel.val_acc, "test_acc": sel.test_acc},
+            "params": sel.params,
+            "config": config,
+            "selection": self.selection_label,
+            "seconds": round(seconds, 4),
+            "dataset": self.cache.path.stem,
+            "model": m["model"],
+            "pretrained": m["checkpoint"],
+            "weights": m["weights"],
+            "random_weights": bool(m["random_weights"]),
+            "cache": str(self.cache.path),
+            "cache_identity": m["dataset_fingerprint"][:16],
+            "cachekit_version": __version__,
+            **({"extra": extra} if extra else {}),
+        }
+
+
+def store_refine(cache: Cache, k: int, seed: int, top_k: int, weights=(0.5, 0.5), text_only: bool = False) -> dict:
+    """Compute APE's channel selection for (K, seed) and store it in the cache's results."""
+    from .results import ResultStore
+
+    c = cache
+    W = c.text_classifier()
+    if not 1 <= int(top_k) <= W.shape[1]:
+        raise CachekitError(f"--top-k {top_k} is out of range for D={W.shape[1]} channels; "
+                            f"fix: pass 1..{W.shape[1]}")
+    F, y = c.train_keys(k, seed)
+    idx, sc = refine_channels(W, F, y, top_k, weights, text_only)
+    variant = "text-only" if text_only else "text+cache"
+    key = {"k": int(k), "seed": int(seed), "top_k": int(top_k), "weights": [float(w) for w in weights],
+           "variant": variant}
+    path = ResultStore(c).put("refine", key, {"channels": idx.numpy(), "scores": sc.numpy()},
+                              info={"weights_label": c.weights_label})
+    return {**key, "channels": idx.tolist(), "scores": sc.tolist(), "stored": str(path)}
+
+
+def evaluate(cache: Cache, methods, shots=None, seeds=None, overrides: dict | None = None,
+             progress: bool = False) -> list[dict]:
+    """Every method on every (K, seed) of the cache (or the ones asked for)."""
+    from tqdm import tqdm
+
+    have = cache.fewshot_names()
+    shots = sorted(set(shots or [k for k, _ in have]))
+    seeds = sorted(set(seeds or [s for _, s in have]))
+    runner = Runner(cache)
+    jobs = [(m, k, s) for k in shots for s in seeds for m in methods]
+    for m in methods:
+        method_params(m, (overrides or {}).get(m))
+    for k in shots:
+        for s in seeds:
+            cache.fewshot(k, s)  # a clear error before any work when a set is missing
+    out = []
+    for m, k, s in tqdm(jobs, desc="eval", unit="run", disable=not progress or None, leave=False):
+        out.append(runner.run(m, k, s, (overrides or {}).get(m)))
+    return out
+
+
+def summarize(records: list[dict], metric: str = "test_acc") -> tuple[list[str], list[list[str]]]:
+    """Rows: methods; columns: shots; cells: mean ± std over seeds."""
+    import numpy as np
+
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    shots = sorted({r["shots"] for r in records})
+    rows = []
+    for m in methods:
+        row = [m]
+        for k in shots:
+            v = [r["metrics"][metric] for r in records if r["method"] == m and r["shots"] == k
+                 and r["metrics"][metric] is not None]
+            row.append(f"{np.mean(v):.2f} ± {np.std(v):.2f}" if v else "-")
+        rows.append(row)
+    return ["method"] + [f"{k}-shot" for k in shots], rows
