@@ -67,11 +67,13 @@ class ResultStore:
             attrs["info"] = json.loads(attrs["info"])
         return {"arrays": arrays, "attrs": attrs}
 
-    def put(self, kind: str, params: dict, arrays: dict[str, np.ndarray], info: dict | None = None) -> Path:
-        final = self.path(kind, params)
-        with os_errors(str(self.dir)):
-            self.dir.mkdir(parents=True, exist_ok=True)
-        with WriterLock(self.dir):
+    def put(self, kind: str, params: dict, arrays: dict[str, np.ndarray], info: dict | None = None,
+            path=None) -> Path:
+        """Store a result atomically; `path` writes it to that file instead of the results folder."""
+        final = Path(path) if path is not None else self.path(kind, params)
+        with os_errors(str(final.parent)):
+            final.parent.mkdir(parents=True, exist_ok=True)
+        with WriterLock(final.parent if path is None else final):
             tmp = tmp_path(final)
             with os_errors(str(final)):
                 with h5py.File(tmp, "w") as f:

@@ -27,6 +27,15 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
+def _safe_defaults() -> dict:
+    from .methods.safe import SafeConfig
+
+    return {**SafeConfig().to_dict(), "blend": "feature"}
+
+
+DEFAULTS["safe"] = _safe_defaults()
+
+
 @dataclass
 class Inputs:
     """Everything the training-free methods read, for one few-shot set."""
@@ -106,6 +115,16 @@ class Runner:
 
             X, yv = self.cache.train_views(k, seed)
             sel = gda.select(x.val_f, x.val_y, x.W, X, yv, self.cache.num_classes, x.test_f, x.test_y)
+        elif method == "safe":
+            from .methods.safe import SafeConfig
+            from .safe_run import fit_safe
+
+            cfg = SafeConfig.from_dict({k2: v for k2, v in params.items() if k2 != "blend"})
+            res = fit_safe(self.cache, k, seed, cfg, blend=params["blend"])
+            sel = res["selection"]
+            extra = {"trained": res["trained"], "val_acc_frozen": sel.extra["val_acc_frozen"],
+                     "test_acc_frozen": sel.extra.get("test_acc_frozen"),
+                     "final_train_loss": res["log"][-1]["loss"] if res["log"] else None}
         else:
             raise CachekitError(f"unknown method {method!r}; fix: one of {', '.join(DEFAULTS)}")
         return self.record(method, k, seed, params, sel, time.perf_counter() - t0, extra)

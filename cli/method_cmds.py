@@ -89,8 +89,8 @@ def eval_(cache, methods, shots, seeds, preset, sets, out, as_json):
     methods = [m.strip() for m in methods.split(",") if m.strip()]
     overrides = overrides_for(methods, preset, parse_sets(sets))
     with open_cache(cache) as c:
-        _weights_note(c)
         records = evaluate(c, methods, shots, seeds, overrides, progress=not as_json)
+        _weights_note(c)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a", encoding="utf-8") as fh:
@@ -106,3 +106,82 @@ def eval_(cache, methods, shots, seeds, preset, sets, out, as_json):
 
 
 COMMANDS = [refine, eval_]
+
+
+@click.command("fit-safe", context_settings=CONTEXT)
+@click.argument("cache", type=click.Path(dir_okay=False))
+@click.option("--shots", "k", type=int, default=None, help="K (default: largest in the cache).")
+@click.option("--seed", type=int, default=None, help="Few-shot seed (default: first in the cache).")
+@click.option("--epochs", default=50, type=click.IntRange(min=1))
+@click.option("--warmup-epochs", default=None, type=click.IntRange(min=0), help="Default: min(10, epochs // 5).")
+@click.option("--lr", default=1e-4, type=float)
+@click.option("--batch-size", default=64, type=click.IntRange(min=1))
+@click.option("--train", "train_groups", default="pos,qkv,c_proj", help="Parameter groups to train.")
+@click.option("--temperature", default=2.0, type=float, help="CE on 100*cos/temperature.")
+@click.option("--consistency", default="l1", type=click.Choice(["l1", "kl", "none"]))
+@click.option("--consistency-weight", default=0.5, type=float)
+@click.option("--blend", default="feature", type=click.Choice(["feature", "logit"]))
+@click.option("--train-seed", default=1, type=int, help="Seed of the shuffling.")
+@click.option("--device", default="cpu")
+@click.option("--max-memory", default="4GiB", help="Hold dense maps in memory up to this size, else stream them.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the fitted layer here instead of NAME.results/.")
+@click.option("--retrain", is_flag=True, help="Train even if a fit with these settings is stored.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def fit_safe(cache, k, seed, epochs, warmup_epochs, lr, batch_size, train_groups, temperature, consistency,
+             consistency_weight, blend, train_seed, device, max_memory, out, retrain, as_json):
+    """SAFE: fine-tune the attention-pooling layer on the cached dense maps, blend with the original.
+
+    No CLIP backbone runs: the augmented train views' dense maps come from the cache. The fitted layer,
+    its per-epoch log and the blend chosen on val are stored keyed by (K, seed, settings), so
+    `cachekit eval --method safe` reuses them.
+    """
+    from cachekit.cache import open_cache
+    from cachekit.methods.safe import SafeConfig
+    from cachekit.safe_run import fit_safe as run
+
+    warm = min(10, epochs // 5) if warmup_epochs is None else warmup_epochs
+    cfg = SafeConfig.from_dict(dict(epochs=epochs, warmup_epochs=warm, lr=lr, batch_size=batch_size,
+                                    train_groups=tuple(g.strip() for g in train_groups.split(",") if g.strip()),
+                                    temperature=temperature, consistency=consistency,
+                                    consistency_weight=consistency_weight, seed=train_seed, device=device))
+    with open_cache(cache) as c:
+        k = max(c.shots) if k is None else k
+        seed = c.seeds[0] if seed is None else seed
+        res = run(c, k, seed, cfg, blend=blend, max_memory=parse_bytes(max_memory), reuse=not retrain,
+                  out=out, progress=not as_json)
+        _weights_note(c)
+    sel = res["selection"]
+    summary = {"k": k, "seed": seed, "config": res["key"]["config"], "blend": sel.params,
+               "val_acc": sel.val_acc, "test_acc": sel.test_acc,
+               "val_acc_frozen": sel.extra["val_acc_frozen"], "test_acc_frozen": sel.extra.get("test_acc_frozen"),
+               "trained": res["trained"], "stored": res["stored"], "seconds": round(res["seconds"], 3),
+               "log": res["log"]}
+    if as_json:
+        emit_json(summary)
+        return
+    last = res["log"][-1] if res["log"] else {}
+    click.echo(f"SAFE K={k} seed={seed}: {'trained' if res['trained'] else 'reused stored fit'}"
+               f" ({len(res['log'])} epochs, final loss {last.get('loss', float('nan')):.4f})")
+    click.echo(table([["frozen CLIP", f"{summary['val_acc_frozen']:.2f}", _fmt(summary["test_acc_frozen"])],
+                      [f"SAFE ({sel.params['mode']} blend, beta={sel.params['beta']:.2f})", f"{sel.val_acc:.2f}",
+                       _fmt(sel.test_acc)]], ["model", "val acc", "test acc"]))
+    if res["stored"]:
+        click.echo(f"stored in {res['stored']}")
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9}
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("kmgib")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{text!r} is not a size like 512MiB or 4GiB") from None
+
+
+COMMANDS.append(fit_safe)

@@ -112,8 +112,8 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
     for i, beta in enumerate(betas):
         torch.exp(torch.mul(A_minus_1, beta, out=E), out=E)  # exp(-beta (1 - A))
         torch.bmm(R_pad, E, out=cache)  # (C, G, M)
-        ok = correct_rows(rows, cache.view(C, G * M), al)  # (A, G * M)
-        counts[i] = ok.view(-1, G, M).sum(dim=2, dtype=torch.long).cpu()  # (A, G)
+        ok = correct_rows(rows, cache.view(C, G * M), al)  # (G * M, A)
+        counts[i] = ok.view(G, M, -1).sum(dim=1, dtype=torch.long).t().cpu()  # (A, G)
     flat = first_best(counts)
     i, rest = divmod(flat, len(alphas) * len(gammas))
     j, k = divmod(rest, len(gammas))

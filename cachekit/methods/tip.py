@@ -65,7 +65,7 @@ def correct_rows(rows: RowSetup, k: torch.Tensor, alphas: torch.Tensor) -> torch
     """Which rows are classified correctly at every alpha, in the class-major layout the searches use.
 
     k (C, R): cache term of each row (see RowSetup); alphas (A,).
-    Returns bool (A, R): argmax_c(zr[:, r] + alphas[a] * k[:, r]) == yr[r], argmax = first maximum.
+    Returns bool (R, A): argmax_c(zr[:, r] + alphas[a] * k[:, r]) == yr[r], argmax = first maximum.
 
     Exact, bit for bit, with the literal evaluation, since every logit it compares is computed with the
     same two float operations (multiply, then add). Fast because the logits are linear in alpha: a class
@@ -81,10 +81,10 @@ def correct_rows(rows: RowSetup, k: torch.Tensor, alphas: torch.Tensor) -> torch
     al = alphas.to(dtype=k.dtype, device=k.device).reshape(-1)
     A = al.numel()
     lo, hi = float(al.min()), float(al.max())
-    correct = torch.ones(A, R, dtype=torch.bool, device=k.device)
     kd, d_lo, d_hi = rows._buf
     # Bounds only (checked with a margin), so their rounding does not matter.
-    k_true = k.view(-1).index_select(0, rows.y_flat)  # (R,)
+    k_flat = k.view(-1)
+    k_true = k_flat.index_select(0, rows.y_flat)  # (R,)
     torch.sub(k, k_true, out=kd)
     torch.add(rows.zd, kd, alpha=lo, out=d_lo)  # -inf at the true class
     torch.add(rows.zd, kd, alpha=hi, out=d_hi)
@@ -93,29 +93,25 @@ def correct_rows(rows: RowSetup, k: torch.Tensor, alphas: torch.Tensor) -> torch
     d_min = torch.minimum(d_lo, d_hi, out=d_lo)
     # Some class above the true class by the margin at both ends: wrong at every alpha.
     sure_wrong = d_min.amax(dim=0) > tol
-    correct[:, sure_wrong] = False
     # Classes that could tie or beat the true class somewhere in the range: evaluate exactly.
     cand = torch.ge(d_max, -tol, out=rows._mask)
     cand &= ~sure_wrong
     flat = torch.nonzero(cand.view(-1)).squeeze(1)
-    if flat.numel() == 0:
-        return correct
-    wrong = torch.zeros(A, R, dtype=torch.bool, device=k.device)
-    al_col = al.unsqueeze(1)
-    zr_flat, k_flat = rows.zr.view(-1), k.view(-1)
+    wrong = torch.zeros(R, A, dtype=k.dtype, device=k.device)  # number of classes beating the true one
+    wrong[sure_wrong] = 1
+    al_row = al.unsqueeze(0)
+    zr_flat = rows.zr.view(-1)
     block = max(1, _PAIR_BLOCK // A)
     for s in range(0, flat.numel(), block):
         f = flat[s:s + block]
         c, r = f // R, f % R
-        t = rows.yr[r]
-        ft = rows.y_flat[r]
-        lc = zr_flat[f].unsqueeze(0) + al_col * k_flat[f].unsqueeze(0)  # (A, P), as z + alpha * k
-        lt = zr_flat[ft].unsqueeze(0) + al_col * k_flat[ft].unsqueeze(0)
-        beats = (lc > lt) | ((lc == lt) & (c < t).unsqueeze(0))  # argmax keeps the first maximum
-        a_i, p_i = torch.nonzero(beats, as_tuple=True)
-        wrong[a_i, r[p_i]] = True
-    correct &= ~wrong
-    return correct
+        ft = rows.y_flat.index_select(0, r)
+        lc = zr_flat.index_select(0, f).unsqueeze(1) + k_flat.index_select(0, f).unsqueeze(1) * al_row
+        lt = zr_flat.index_select(0, ft).unsqueeze(1) + k_flat.index_select(0, ft).unsqueeze(1) * al_row
+        # (P, A), each as z + alpha * k; argmax keeps the first maximum, so a tie goes to the lower class.
+        beats = (lc > lt) | ((lc == lt) & (c < rows.yr.index_select(0, r)).unsqueeze(1))
+        wrong.index_add_(0, r, beats.to(k.dtype))
+    return wrong == 0
 
 
 def count_correct(z: torch.Tensor, k: torch.Tensor, labels: torch.Tensor,
@@ -131,7 +127,7 @@ def count_correct(z: torch.Tensor, k: torch.Tensor, labels: torch.Tensor,
                             "fix: pass z (M, C) and k (G, M, C)")
     G, M, C = k.shape
     ok = correct_rows(RowSetup(z, labels, G), k.permute(2, 0, 1).reshape(C, G * M), alphas)
-    return ok.view(-1, G, M).sum(dim=2, dtype=torch.long).t()
+    return ok.view(G, M, -1).sum(dim=1, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,7 +151,7 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
     counts = torch.empty(n_beta, n_alpha, dtype=torch.long)
     for i, beta in enumerate(betas):
         cache = cache_logits(A, L, beta)  # the same operations as `logits`, so the same bits
-        counts[i] = correct_rows(rows, cache.t().contiguous(), al).sum(dim=1).cpu()
+        counts[i] = correct_rows(rows, cache.t().contiguous(), al).sum(dim=0).cpu()
     flat = first_best(counts)
     i, j = divmod(flat, n_alpha)
     best = counts.reshape(-1)[flat]
