@@ -23,7 +23,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest
 
 reliability: $(STAMP)
-	$(VENV)/bin/cachekit bench reliability
+	$(PY) -m cachekit.reliability
 
 clean:
 	rm -rf cache/*.h5 cache/*.parts cache/*.results cache/demo build *.egg-info

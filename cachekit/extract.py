@@ -8,6 +8,7 @@ half-written.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -28,7 +29,7 @@ from . import __version__
 from .augment import AugmentedView, plain_transform
 from .cache import FORMAT, SCHEMA_VERSION, read_identity
 from .data import check_image, load_dataset, load_image, sample_fewshot
-from .errors import BadImageError, CachekitError
+from .errors import BadImageError, CacheInUseError, CachekitError
 from .models import attnpool_params, dense_and_pooled, encode_templates, load_model, text_classifier
 from .store import ArrayHasher, WriterLock, array_sha256, os_errors, publish, tmp_path, write_json_atomic
 from .templates import resolve_templates
@@ -62,6 +63,8 @@ class ExtractOptions:
     test_fraction: float = 0.3
     split_seed: int = 1
     progress: bool = False
+    num_shards: int = 1
+    shard_index: int = 0
     # Test hook: stop (as if killed) after this many units were published in this run.
     _stop_after_units: int | None = field(default=None, repr=False)
 
@@ -78,6 +81,12 @@ class ExtractOptions:
             raise CachekitError(f"--dense-dtype {self.dense_dtype} is not supported; fix: one of {', '.join(DENSE_DTYPES)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise CachekitError("--device cuda asked for but no CUDA device is visible; fix: --device cpu")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise CachekitError(f"--shard-index {self.shard_index} is outside 0..{self.num_shards - 1}; "
+                                "fix: give 0 <= --shard-index < --num-shards")
+        if self.overwrite and self.num_shards > 1:
+            raise CachekitError("--overwrite cannot be combined with --num-shards (one shard would wipe the "
+                                "others' work); fix: delete the old cache first, then start the shards")
         self.shots = tuple(sorted({int(k) for k in self.shots}))
         self.seeds = tuple(sorted({int(s) for s in self.seeds}))
 
@@ -168,88 +177,178 @@ def _mismatch(a: dict, b: dict) -> str:
     return ", ".join(keys)
 
 
+def _shard(opts) -> tuple[str, int, int]:
+    """(mode, index, count): 'single'; 'torchrun' (one rank per process, from torchrun's env);
+    or 'manual' (--num-shards/--shard-index, e.g. a SLURM array: the last shard to finish assembles)."""
+    if opts.num_shards > 1:
+        return "manual", opts.shard_index, opts.num_shards
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return "torchrun", int(os.environ.get("RANK", "0")), world
+    return "single", 0, 1
+
+
 def extract(opts: ExtractOptions) -> dict:
     """Run the extraction described by `opts`; returns a JSON-able summary."""
     opts.validate()
+    mode, rank, world = _shard(opts)
+    if mode == "torchrun":
+        return _extract_torchrun(opts, rank, world)
     out = Path(opts.out)
-    parts = _parts_dir(out)
-    spec = load_dataset(opts.data, image_root=opts.image_root, classnames_file=opts.classnames,
-                        val_fraction=opts.val_fraction, test_fraction=opts.test_fraction,
-                        split_seed=opts.split_seed)
-    tmpl_label, templates = resolve_templates(opts.templates)
-    with os_errors(str(out.parent)):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    with WriterLock(out):
-        if opts.overwrite:
+    job = _Job(opts)
+    if mode == "single":
+        with WriterLock(out):
+            done = job.prepare(opts.overwrite)
+            if done:
+                return done
+            job.encode(job.units)
+            return job.finish()
+    # manual shard: lock only this shard while encoding; assemble if it is the last one done.
+    with WriterLock(Path(f"{out}.shard{rank}")):
+        done = job.prepare(overwrite=False)
+        if done:
+            return done
+        job.encode(job.units[rank::world])
+    if not job.all_units_done():
+        return {"cache": str(out), "status": f"shard {rank}/{world} done; the last shard to finish assembles"}
+    try:
+        with WriterLock(out):
+            return {"cache": str(out), "status": "already complete"} if out.exists() else job.finish()
+    except CacheInUseError:
+        return {"cache": str(out), "status": f"shard {rank}/{world} done; another shard is assembling"}
+
+
+def _extract_torchrun(opts, rank: int, world: int) -> dict:
+    """torchrun: rank 0 checks and plans, every rank encodes units[rank::world], rank 0 assembles."""
+    import torch.distributed as dist
+
+    cuda = opts.device.startswith("cuda")
+    if cuda:
+        opts.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(opts.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    lock = WriterLock(Path(opts.out)) if rank == 0 else contextlib.nullcontext()
+    try:
+        with lock:
+            job = _Job(opts)
+            status = [None]
+            if rank == 0:
+                try:
+                    status[0] = job.prepare(overwrite=opts.overwrite) or "go"
+                except CachekitError as exc:
+                    status[0] = exc
+            dist.broadcast_object_list(status, src=0)
+            if isinstance(status[0], CachekitError):
+                raise status[0]
+            if status[0] != "go":
+                return status[0]
+            if rank != 0:
+                job.prepare(overwrite=False)
+            job.encode(job.units[rank::world])
+            dist.barrier()
+            res = [job.finish() if rank == 0 else None]
+            dist.broadcast_object_list(res, src=0)
+            return {**res[0], "rank": rank, "world_size": world}
+    finally:
+        dist.destroy_process_group()
+
+
+class _Job:
+    """One extraction: dataset, model, plan (units), and the parts folder they are written to."""
+
+    def __init__(self, opts: ExtractOptions):
+        self.opts = opts
+        self.out = Path(opts.out)
+        self.parts = _parts_dir(self.out)
+        self.spec = load_dataset(opts.data, image_root=opts.image_root, classnames_file=opts.classnames,
+                                 val_fraction=opts.val_fraction, test_fraction=opts.test_fraction,
+                                 split_seed=opts.split_seed)
+        self.tmpl_label, self.templates = resolve_templates(opts.templates)
+        with os_errors(str(self.out.parent)):
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def prepare(self, overwrite: bool) -> dict | None:
+        """Load the model, check an existing cache or unfinished run, write the plan and text
+        embeddings. Returns a summary when there is nothing left to do."""
+        opts, out, parts = self.opts, self.out, self.parts
+        if overwrite:
             for p in (out, tmp_path(out)):
                 p.unlink(missing_ok=True)
             shutil.rmtree(parts, ignore_errors=True)
-        bundle = load_model(opts.model, opts.pretrained, init_seed=opts.init_seed, device=opts.device)
-        ident = _identity(opts, spec, bundle, templates)
+            shutil.rmtree(out.with_suffix(".results"), ignore_errors=True)
+        self.bundle = bundle = load_model(opts.model, opts.pretrained, init_seed=opts.init_seed, device=opts.device)
+        self.ident = ident = _identity(opts, self.spec, bundle, self.templates)
         if out.exists():
             old = read_identity(out)
             if old != ident:
                 raise CachekitError(f"{out} exists and was built with a different {_mismatch(old, ident)}; "
                                     "fix: choose another --out, or pass --overwrite to rebuild it")
             return {"cache": str(out), "status": "already complete", "weights": bundle.weights_label}
-        return _run(opts, out, parts, spec, bundle, ident, tmpl_label, templates)
 
+        spec = self.spec
+        self.sets, self.train_rows, self.bad_train = _sample_sets(spec, opts, opts.progress)
+        row_items = {"train": [spec.splits["train"][i] for i in self.train_rows], "val": spec.splits["val"]}
+        if not spec.val_is_test:
+            row_items["test"] = spec.splits["test"]
+        for split in row_items:
+            if not row_items[split]:
+                raise CachekitError(f"split {split} has no images; fix: add images to it or let cachekit carve it")
+        self.row_items = row_items
 
-def _run(opts, out, parts, spec, bundle, ident, tmpl_label, templates) -> dict:
-    sets, train_rows, bad_train = _sample_sets(spec, opts, opts.progress)
-    V = opts.views
-    row_items = {"train": [spec.splits["train"][i] for i in train_rows], "val": spec.splits["val"]}
-    if not spec.val_is_test:
-        row_items["test"] = spec.splits["test"]
-    for split in row_items:
-        if not row_items[split]:
-            raise CachekitError(f"split {split} has no images; fix: add images to it or let cachekit carve it")
+        # Units: one batch of one (split, view), in a fixed order so resumed runs batch identically.
+        B = opts.batch_size
+        plan_path = parts / "plan.json"
+        if plan_path.exists():
+            plan = json.loads(plan_path.read_text())
+            if plan["identity"] != ident:
+                raise CachekitError(f"unfinished extraction in {parts} was started with a different "
+                                    f"{_mismatch(plan['identity'], ident)}; fix: rerun it with the same options, "
+                                    "or pass --overwrite to start afresh")
+            B = plan["batch_size"]
+        else:
+            with os_errors(str(parts)):
+                parts.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(plan_path, {"identity": ident, "batch_size": B, "cachekit_version": __version__})
+        self.units, self.entries = [], []
+        for split, items in row_items.items():
+            for view in range(opts.views + 1 if split == "train" else 1):
+                for start in range(0, len(items), B):
+                    stop = min(start + B, len(items))
+                    idx = list(range(len(self.entries), len(self.entries) + stop - start))
+                    self.entries.extend((it.path, view) for it in items[start:stop])
+                    self.units.append((split, view, start, stop, idx))
 
-    # Units: one batch of one (split, view), in a fixed order so resumed runs batch identically.
-    B = opts.batch_size
-    plan_path = parts / "plan.json"
-    if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
-        if plan["identity"] != ident:
-            raise CachekitError(f"unfinished extraction in {parts} was started with a different "
-                                f"{_mismatch(plan['identity'], ident)}; fix: rerun it with the same options, "
-                                "or pass --overwrite to start afresh")
-        B = plan["batch_size"]
-    else:
-        with os_errors(str(parts)):
-            parts.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(plan_path, {"identity": ident, "batch_size": B, "cachekit_version": __version__})
-    units = []
-    entries: list[tuple[str, int]] = []
-    for split, items in row_items.items():
-        for view in range(V + 1 if split == "train" else 1):
-            for start in range(0, len(items), B):
-                stop = min(start + B, len(items))
-                idx = list(range(len(entries), len(entries) + stop - start))
-                entries.extend((it.path, view) for it in items[start:stop])
-                units.append((split, view, start, stop, idx))
+        # Text embeddings: one small unit of their own (identical whoever writes it).
+        text_path = parts / "text.h5"
+        if not text_path.exists():
+            emb, truncated = encode_templates(bundle, spec.classnames, self.templates, device=opts.device)
+            tmp = tmp_path(text_path).with_name(f"{text_path.name}.{os.getpid()}.tmp")
+            with os_errors(str(text_path)), h5py.File(tmp, "w") as f:
+                f["embeddings"] = emb.numpy()
+                f.attrs["truncated_prompts"] = truncated
+            publish(tmp, text_path)
+        return None
 
-    # Text embeddings: one small unit of their own.
-    text_path = parts / "text.h5"
-    if not text_path.exists():
-        emb, truncated = encode_templates(bundle, spec.classnames, templates, device=opts.device)
-        tmp = tmp_path(text_path)
-        with os_errors(str(text_path)), h5py.File(tmp, "w") as f:
-            f["embeddings"] = emb.numpy()
-            f.attrs["truncated_prompts"] = truncated
-        publish(tmp, text_path)
+    def _done(self, u) -> bool:
+        return (self.parts / _unit_name(*u[:3])).exists()
 
-    todo = [u for u in units if not (parts / _unit_name(*u[:3])).exists()]
-    done_images = sum(u[3] - u[2] for u in units) - sum(u[3] - u[2] for u in todo)
-    if todo:
-        _encode_units(opts, parts, spec, bundle, entries, todo, done_images,
-                      sum(u[3] - u[2] for u in units))
-    if opts._stop_after_units is not None:
-        return {"status": "stopped (test hook)"}
-    summary = _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, units, row_items,
-                        sets, train_rows, bad_train)
-    shutil.rmtree(parts, ignore_errors=True)
-    return summary
+    def all_units_done(self) -> bool:
+        return all(self._done(u) for u in self.units)
+
+    def encode(self, units):
+        todo = [u for u in units if not self._done(u)]
+        total = sum(u[3] - u[2] for u in units)
+        if todo:
+            _encode_units(self.opts, self.parts, self.spec, self.bundle, self.entries, todo,
+                          total - sum(u[3] - u[2] for u in todo), total)
+
+    def finish(self) -> dict:
+        if self.opts._stop_after_units is not None:
+            return {"status": "stopped (test hook)"}
+        summary = _assemble(self.opts, self.out, self.parts, self.spec, self.bundle, self.ident, self.tmpl_label,
+                            self.templates, self.units, self.row_items, self.sets, self.train_rows, self.bad_train)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return summary
 
 
 def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_images):

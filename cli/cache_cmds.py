@@ -31,6 +31,9 @@ from .common import CONTEXT, emit_json, friendly, int_list, note, table
 @click.option("--val-fraction", default=0.2, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--test-fraction", default=0.3, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--split-seed", default=1, type=int, help="Seed for carving val/test when DATA has none.")
+@click.option("--num-shards", default=1, type=click.IntRange(min=1),
+              help="Split the work over this many processes (under torchrun: set automatically).")
+@click.option("--shard-index", default=0, type=click.IntRange(min=0), help="This process's shard, 0-based.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @friendly
@@ -40,6 +43,9 @@ def extract(data, as_json, quiet, **kw):
     DATA is an ImageFolder tree (class folders, optionally under train/ val/ test/), a CoOp split
     JSON (with --image-root) or a CSV/JSONL manifest with columns path,label,split. Rerunning an
     interrupted command resumes it.
+
+    Several GPUs or nodes (shared filesystem): torchrun --nproc-per-node N -m cachekit extract ...
+    Each rank encodes its share of the batches; rank 0 assembles the one cache.
     """
     from cachekit.extract import ExtractOptions, extract as run
 

@@ -213,3 +213,37 @@ def test_second_writer_refused(tmp_path, tree):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 1
     assert f"in use by PID {os.getpid()}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, tree):
+    """torchrun with 2 CPU ranks (gloo): same arrays as a single-process run."""
+    import shutil as _sh
+
+    # torchrun runs each rank with one thread; CPU conv results depend on the thread count.
+    ref = tmp_path / "ref.h5"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract(extract_opts(tree, ref, batch_size=3))
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "dist.h5"
+    torchrun = _sh.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "cachekit", "extract", str(tree),
+           "--model", "RN-tiny", "--shots", "1,2", "--seeds", "1,2", "--views", "2", "--batch-size", "3",
+           "--dense-dtype", "float32", "--out", str(out), "-q", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_same_arrays(ref, out)
+    assert not (tmp_path / "dist.h5.parts").exists()
+
+
+def test_manual_shards_last_one_assembles(tmp_path, tree):
+    ref = tmp_path / "ref.h5"
+    extract(extract_opts(tree, ref))
+    out = tmp_path / "sh.h5"
+    r0 = extract(extract_opts(tree, out, num_shards=2, shard_index=0))
+    assert "last shard" in r0["status"] and not out.exists()
+    r1 = extract(extract_opts(tree, out, num_shards=2, shard_index=1))
+    assert r1["status"] == "complete"
+    _assert_same_arrays(ref, out)

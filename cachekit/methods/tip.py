@@ -30,9 +30,83 @@ def logits(f: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
 
 # ----------------------------------------------------------------------------------------------------------
 # Exact vectorised counting of correct predictions of z + alpha * k over a grid of alpha.
+#
+# Searches evaluate argmax_c(z[c] + alpha * k[c]) for many alphas. Doing that literally costs a full pass
+# over (alphas x samples x classes) per grid point. The logits are linear in alpha, so almost every
+# comparison "does class c beat the true class t" is decided by its sign with a wide margin; only the
+# comparisons that are not are made on logits computed literally (z + alpha * k: multiply, then add), so
+# the counts are bit-for-bit those of the literal evaluation.
 
-_PAIR_BLOCK = 1 << 22  # bound on (alphas x candidate pairs) evaluated at once
-_TOL = 1e-4  # relative margin, far above the rounding error of a two-operation logit
+_PAIR_BLOCK = 1 << 22  # bound on (alphas x pairs) evaluated literally at once
+_TOL = 1e-4  # relative margin: far above the float rounding of the bounds, far below real differences
+
+
+def _literal_beats(zc, kc, zt, kt, c, t, al_row):
+    """(P, A): class c beats the true class t, logits computed as z + alpha * k; ties go to the lower class."""
+    lc = zc.unsqueeze(1) + kc.unsqueeze(1) * al_row
+    lt = zt.unsqueeze(1) + kt.unsqueeze(1) * al_row
+    return (lc > lt) | ((lc == lt) & (c < t).unsqueeze(1))
+
+
+def pair_wrong(zc: torch.Tensor, kc: torch.Tensor, zt: torch.Tensor, kt: torch.Tensor, c: torch.Tensor,
+               t: torch.Tensor, row: torch.Tensor, n_rows: int, al: torch.Tensor,
+               tolp: torch.Tensor) -> torch.Tensor:
+    """Per row and alpha: does some listed class beat the row's true class? bool (n_rows, A).
+
+    Pair p compares class c[p] (zero-shot zc, cache kc) with the true class t[p] (zt, kt) of row row[p];
+    al (A,) must be ascending; tolp (P,) is the margin of each pair. Class c beats t at alpha when
+    zc + alpha kc > zt + alpha kt as computed literally, or when they are equal and c < t (argmax keeps the
+    first maximum). The difference crosses zero once, at alpha* = -(zc - zt) / (kc - kt): the two grid
+    points next to alpha* are evaluated literally, the others follow from the sign once the margin at the
+    nearest of them confirms it; a pair without such a clear crossing is evaluated literally throughout.
+    """
+    A = al.numel()
+    wrong = torch.zeros(n_rows, A, dtype=torch.bool, device=al.device)
+    if c.numel() == 0:
+        return wrong
+    zd, kd = zc - zt, kc - kt  # rounded: used with the margin only
+    sgn = torch.sign(kd)
+    nz = kd != 0
+    cross = torch.where(nz, -zd / torch.where(nz, kd, torch.ones_like(kd)), torch.zeros_like(kd))
+    j = torch.searchsorted(al, cross.contiguous())  # number of grid alphas below alpha*
+    right_ok = (j + 1 >= A) | (sgn * (zd + al[(j + 1).clamp(max=A - 1)] * kd) > tolp)
+    left_ok = (j - 2 < 0) | (-sgn * (zd + al[(j - 2).clamp(min=0)] * kd) > tolp)
+    clear = right_ok & left_ok
+
+    width = A + 1  # difference array per row: +1 where a beaten range starts, -1 after it ends
+    diff = torch.zeros(n_rows * width, dtype=torch.int32, device=al.device)
+    base = row * width
+
+    def mark(first, last_excl, sel):
+        n = int(sel.sum())
+        if n:
+            diff.index_add_(0, (base + first)[sel], torch.ones(n, dtype=torch.int32, device=al.device))
+            diff.index_add_(0, (base + last_excl)[sel], torch.full((n,), -1, dtype=torch.int32,
+                                                                     device=al.device))
+
+    pos, neg = kd > 0, kd < 0
+    start = torch.where(pos, j + 1, torch.zeros_like(j)).clamp(max=A)  # kd > 0: beats right of alpha*
+    stop = torch.where(pos, torch.full_like(j, A), torch.where(neg, (j - 1).clamp(min=0), torch.zeros_like(j)))
+    mark(start, stop, clear & (start < stop))
+    for jj in (j - 1, j):  # the grid points next to the crossing, literally
+        jc = jj.clamp(0, A - 1)
+        al_p = al.index_select(0, jc)
+        lc = zc + kc * al_p
+        lt = zt + kt * al_p
+        hit = clear & (jj >= 0) & (jj < A) & ((lc > lt) | ((lc == lt) & (c < t)))
+        mark(jc, jc + 1, hit)
+    wrong |= torch.cumsum(diff.view(n_rows, width), dim=1)[:, :A] > 0
+
+    fb = torch.nonzero(~clear).squeeze(1)
+    block = max(1, _PAIR_BLOCK // A)
+    al_row = al.unsqueeze(0)
+    for s0 in range(0, fb.numel(), block):
+        q = fb[s0:s0 + block]
+        beats = _literal_beats(zc[q], kc[q], zt[q], kt[q], c[q], t[q], al_row)
+        hits = torch.zeros(n_rows, A, dtype=torch.int32, device=al.device)
+        hits.index_add_(0, row[q], beats.to(torch.int32))
+        wrong |= hits > 0
+    return wrong
 
 
 class RowSetup:
@@ -61,57 +135,48 @@ class RowSetup:
         self._mask = torch.empty(C, G * M, dtype=torch.bool, device=z.device)
 
 
-def correct_rows(rows: RowSetup, k: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """Which rows are classified correctly at every alpha, in the class-major layout the searches use.
+def correct_rows(rows: RowSetup, k: torch.Tensor, alphas: torch.Tensor, nonneg: bool = False) -> torch.Tensor:
+    """bool (R, A): argmax_c(zr[:, r] + alphas[a] * k[:, r]) == yr[r] (argmax = first maximum), exactly.
 
-    k (C, R): cache term of each row (see RowSetup); alphas (A,).
-    Returns bool (R, A): argmax_c(zr[:, r] + alphas[a] * k[:, r]) == yr[r], argmax = first maximum.
-
-    Exact, bit for bit, with the literal evaluation, since every logit it compares is computed with the
-    same two float operations (multiply, then add). Fast because the logits are linear in alpha: a class
-    below the true class by a clear margin at both ends of the alpha range is below it at every alpha in
-    between, and one above it by a clear margin at both ends is above it everywhere. Only the remaining
-    (row, class) pairs, usually a few per row, are evaluated at every alpha.
+    k (C, R): the cache term of each row (see RowSetup); nonneg: the caller knows k >= 0. A class below
+    the true class by the margin at both ends of the alpha range is below it at every alpha (linearity);
+    one above it by the margin at both ends makes the row wrong at every alpha; the remaining (row, class)
+    pairs, usually a few per row, go to `pair_wrong`.
     """
     C, R = k.shape
     if (C, R) != (rows.C, rows.R):
         raise CachekitError(f"cache term {tuple(k.shape)} does not match the rows ({rows.C}, {rows.R}); "
                             "fix: pass k as (C, G * M)")
     k = k.contiguous()
-    al = alphas.to(dtype=k.dtype, device=k.device).reshape(-1)
+    al, perm = torch.sort(alphas.to(dtype=k.dtype, device=k.device).reshape(-1))
     A = al.numel()
-    lo, hi = float(al.min()), float(al.max())
+    lo, hi = float(al[0]), float(al[-1])
     kd, d_lo, d_hi = rows._buf
-    # Bounds only (checked with a margin), so their rounding does not matter.
     k_flat = k.view(-1)
-    k_true = k_flat.index_select(0, rows.y_flat)  # (R,)
-    torch.sub(k, k_true, out=kd)
+    torch.sub(k, k_flat.index_select(0, rows.y_flat), out=kd)
     torch.add(rows.zd, kd, alpha=lo, out=d_lo)  # -inf at the true class
     torch.add(rows.zd, kd, alpha=hi, out=d_hi)
-    tol = _TOL * (rows.zmax + max(abs(lo), abs(hi)) * torch.maximum(k.amax(dim=0), -k.amin(dim=0)))
+    k_abs = k.amax(dim=0) if nonneg else torch.maximum(k.amax(dim=0), -k.amin(dim=0))
+    tol = _TOL * (rows.zmax + max(abs(lo), abs(hi)) * k_abs)
     d_max = torch.maximum(d_lo, d_hi, out=kd)
     d_min = torch.minimum(d_lo, d_hi, out=d_lo)
-    # Some class above the true class by the margin at both ends: wrong at every alpha.
-    sure_wrong = d_min.amax(dim=0) > tol
-    # Classes that could tie or beat the true class somewhere in the range: evaluate exactly.
-    cand = torch.ge(d_max, -tol, out=rows._mask)
+    sure_wrong = d_min.amax(dim=0) > tol  # some class above the true one by the margin at every alpha
+    cand = torch.ge(d_max, -tol, out=rows._mask)  # could tie or beat the true class somewhere
     cand &= ~sure_wrong
-    flat = torch.nonzero(cand.view(-1)).squeeze(1)
-    wrong = torch.zeros(R, A, dtype=k.dtype, device=k.device)  # number of classes beating the true one
-    wrong[sure_wrong] = 1
-    al_row = al.unsqueeze(0)
+    f = torch.nonzero(cand.view(-1)).squeeze(1)
+    c, r = f // R, f % R
+    ft = rows.y_flat.index_select(0, r)
     zr_flat = rows.zr.view(-1)
-    block = max(1, _PAIR_BLOCK // A)
-    for s in range(0, flat.numel(), block):
-        f = flat[s:s + block]
-        c, r = f // R, f % R
-        ft = rows.y_flat.index_select(0, r)
-        lc = zr_flat.index_select(0, f).unsqueeze(1) + k_flat.index_select(0, f).unsqueeze(1) * al_row
-        lt = zr_flat.index_select(0, ft).unsqueeze(1) + k_flat.index_select(0, ft).unsqueeze(1) * al_row
-        # (P, A), each as z + alpha * k; argmax keeps the first maximum, so a tie goes to the lower class.
-        beats = (lc > lt) | ((lc == lt) & (c < rows.yr.index_select(0, r)).unsqueeze(1))
-        wrong.index_add_(0, r, beats.to(k.dtype))
-    return wrong == 0
+    wrong = pair_wrong(zr_flat.index_select(0, f), k_flat.index_select(0, f), zr_flat.index_select(0, ft),
+                       k_flat.index_select(0, ft), c, rows.yr.index_select(0, r), r, R, al,
+                       tol.index_select(0, r))
+    wrong |= sure_wrong.unsqueeze(1)
+    correct = ~wrong
+    if not bool((perm == torch.arange(A, device=perm.device)).all()):
+        out = torch.empty_like(correct)
+        out[:, perm] = correct
+        correct = out
+    return correct
 
 
 def count_correct(z: torch.Tensor, k: torch.Tensor, labels: torch.Tensor,

@@ -1,0 +1,280 @@
+"""Tip-Adapter-F: Tip-Adapter whose cache keys are trained (docs/methods-trained-adapters.md).
+
+    logits = 100 f W^T + alpha * exp(-beta (1 - f K^T)) L
+
+K (N, D) is trainable, initialised from the cache keys F and never re-normalised; W, L and the features
+are frozen. Training: cross-entropy on augmented train views, AdamW, cosine schedule per iteration, with
+the fixed initial (alpha, beta). After each epoch the keys are scored on **val** (never test) with the
+initial (alpha, beta); the first best epoch is kept. Then (beta, alpha) is re-searched on val with
+`tip.select` and test is evaluated once.
+
+Pure tensor functions: no files, no printing; progress goes through an optional callback.
+Also holds the training loop shared with APE-T (`train_loop`, `cosine_lr`) and the config checks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as TF
+
+from ..errors import CachekitError
+from . import tip, zeroshot
+from .base import Selection
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+        and math.isfinite(float(v))
+
+
+def check_common(cfg, what: str) -> None:
+    """Checks shared by the Tip-F and APE-T configs; raises CachekitError naming the field and the fix."""
+
+    def bad(name, why):
+        raise CachekitError(f"{what} setting {name}={getattr(cfg, name)!r} is invalid; fix: {why}")
+
+    if not _is_int(cfg.epochs) or cfg.epochs < 1:
+        bad("epochs", "use an integer >= 1")
+    if not _is_num(cfg.lr) or cfg.lr < 0:
+        bad("lr", "use a number >= 0, e.g. 1e-3")
+    if not _is_num(cfg.eps) or cfg.eps <= 0:
+        bad("eps", "use a positive number, e.g. 1e-4")
+    if not _is_num(cfg.weight_decay) or cfg.weight_decay < 0:
+        bad("weight_decay", "use a number >= 0")
+    if not _is_int(cfg.batch_size) or cfg.batch_size < 1:
+        bad("batch_size", "use an integer >= 1")
+    if cfg.epoch_size is not None and (not _is_int(cfg.epoch_size) or cfg.epoch_size < 1):
+        bad("epoch_size", "use an integer >= 1, or None for every train view each epoch")
+    if not _is_num(cfg.init_alpha) or cfg.init_alpha < 0:
+        bad("init_alpha", "use a number >= 0, e.g. 1")
+    if not _is_num(cfg.init_beta) or cfg.init_beta < 0:
+        bad("init_beta", "use a number >= 0, e.g. 1")
+    if not _is_int(cfg.seed):
+        bad("seed", "use an integer")
+    if not isinstance(cfg.device, str):
+        bad("device", "use a torch device string such as 'cpu' or 'cuda'")
+    try:
+        torch.device(cfg.device)
+    except (RuntimeError, TypeError):
+        bad("device", "use a torch device string such as 'cpu' or 'cuda'")
+
+
+def config_from_dict(cls, d: Mapping, what: str):
+    if not isinstance(d, Mapping):
+        raise CachekitError(f"{what} settings must be a mapping, got {type(d).__name__}; fix: pass a dict")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise CachekitError(f"unknown {what} setting(s) {', '.join(map(str, unknown))}; "
+                            f"fix: use only {', '.join(sorted(known))}")
+    cfg = cls(**dict(d))
+    cfg.validate()
+    return cfg
+
+
+def _labels(y, C: int, n: int, what: str) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    if y.dim() != 1 or y.numel() != n:
+        raise CachekitError(f"{what} has shape {tuple(y.shape)}, expected ({n},); fix: pass one label per row")
+    if y.is_floating_point():
+        raise CachekitError(f"{what} must be integer class ids, got {y.dtype}; fix: pass a long tensor")
+    y = y.long()
+    if n and (int(y.min()) < 0 or int(y.max()) >= C):
+        raise CachekitError(f"{what} must lie in 0..{C - 1}; fix: use 0-based labels matching the rows of W")
+    return y
+
+
+def check_inputs(X, y, W, F, L, val_f, val_y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape/label checks shared by both trainers; returns (train labels, val labels) as long tensors."""
+    if W.dim() != 2:
+        raise CachekitError(f"text classifier has shape {tuple(W.shape)}; fix: pass W as (C, D)")
+    C, D = W.shape
+    for name, t in (("train views X", X), ("cache keys F", F), ("val features", val_f)):
+        if t.dim() != 2 or t.shape[1] != D:
+            raise CachekitError(f"{name} has shape {tuple(t.shape)}, expected (*, {D}); "
+                                "fix: pass features of the same model as W")
+    if X.shape[0] == 0 or F.shape[0] == 0 or val_f.shape[0] == 0:
+        raise CachekitError("train views, cache keys and val features must be non-empty; "
+                            "fix: pass at least one row each")
+    if L.dim() != 2 or tuple(L.shape) != (F.shape[0], C):
+        raise CachekitError(f"cache values L have shape {tuple(L.shape)}, expected ({F.shape[0]}, {C}); "
+                            "fix: pass L = one_hot(key_labels, C) as float")
+    for name, t in (("X", X), ("W", W), ("F", F), ("L", L), ("val_f", val_f)):
+        if not t.is_floating_point():
+            raise CachekitError(f"{name} must be a float tensor, got {t.dtype}; fix: pass float32 features")
+    return _labels(y, C, X.shape[0], "train labels"), _labels(val_y, C, val_f.shape[0], "val labels")
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclass
+class TipFConfig:
+    """Tip-Adapter-F training settings (defaults: the released code; see docs/methods-trained-adapters.md).
+
+    weight_decay 0.01 is torch's AdamW default, which the released code uses implicitly (it passes none).
+    epoch_size: train views drawn (without replacement) per epoch; None = every row of X once per epoch.
+    """
+
+    epochs: int = 20
+    lr: float = 1e-3
+    eps: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    epoch_size: int | None = None
+    init_alpha: float = 1.0
+    init_beta: float = 1.0
+    seed: int = 1
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TipFConfig":
+        return config_from_dict(cls, d, "Tip-Adapter-F")
+
+    def validate(self) -> "TipFConfig":
+        check_common(self, "Tip-Adapter-F")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- training
+def cosine_lr(lr: float, it: int, total: int) -> float:
+    """Learning rate of iteration `it` (0-based) of `total`: lr * (1 + cos(pi * it / total)) / 2.
+
+    The closed form of torch's CosineAnnealingLR(T_max=total, eta_min=0) stepped once per iteration.
+    """
+    return 0.5 * lr * (1.0 + math.cos(math.pi * it / total))
+
+
+def train_loop(params: Sequence[torch.Tensor], batch_logits: Callable[[torch.Tensor], torch.Tensor],
+               y: torch.Tensor, val_correct: Callable[[], int], n_val: int,
+               snapshot: Callable[[], object], config, callback=None) -> tuple[object, int, list, float]:
+    """Shared epoch loop of Tip-F and APE-T.
+
+    batch_logits(rows) -> (B, C) logits of the train rows `rows` (a LongTensor on the device);
+    val_correct() -> number of correct val predictions with the current parameters and the init (alpha, beta);
+    snapshot() -> a detached copy of the current parameters.
+    Returns (snapshot of the first best epoch on val, best epoch (1-based), per-epoch log, val acc before
+    training). The epoch is chosen on val only; nothing here can see test data.
+    """
+    dev = y.device
+    n = int(y.numel())
+    per_epoch = n if config.epoch_size is None else min(int(config.epoch_size), n)
+    bs = int(config.batch_size)
+    iters = math.ceil(per_epoch / bs)
+    total = config.epochs * iters
+    opt = torch.optim.AdamW(list(params), lr=float(config.lr), eps=float(config.eps),
+                            weight_decay=float(config.weight_decay))
+    gen = torch.Generator().manual_seed(int(config.seed))
+    with torch.no_grad():
+        val_init = 100.0 * val_correct() / n_val
+    best, best_epoch, best_state = -1, 0, None
+    log: list[dict] = []
+    it = 0
+    lr = float(config.lr)
+    for epoch in range(1, config.epochs + 1):
+        perm = torch.randperm(n, generator=gen)[:per_epoch].to(dev)
+        loss_sum, correct = 0.0, 0
+        for s in range(0, per_epoch, bs):
+            rows = perm[s:s + bs]
+            lr = cosine_lr(float(config.lr), it, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            out = batch_logits(rows)
+            yb = y[rows]
+            loss = TF.cross_entropy(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * rows.numel()
+            correct += int((out.detach().argmax(dim=-1) == yb).sum())
+            it += 1
+        with torch.no_grad():
+            val_ok = int(val_correct())
+        entry = {"epoch": epoch, "loss": loss_sum / per_epoch, "train_acc": 100.0 * correct / per_epoch,
+                 "val_acc": 100.0 * val_ok / n_val, "lr": lr}
+        if val_ok > best:  # strictly better: the first best epoch wins ties
+            best, best_epoch, best_state = val_ok, epoch, snapshot()
+        log.append(entry)
+        if callback is not None:
+            callback(dict(entry))
+    return best_state, best_epoch, log, val_init
+
+
+@dataclass
+class TipFFit:
+    """Result of `fit`: trained keys (N, D, CPU) of the best val epoch, that epoch (1-based), per-epoch log."""
+
+    keys: torch.Tensor
+    best_epoch: int
+    log: list = field(default_factory=list)
+    val_acc_init: float | None = None  # val accuracy of the untrained keys at the init (alpha, beta)
+    config: TipFConfig = field(default_factory=TipFConfig)
+
+
+def logits(f: torch.Tensor, W: torch.Tensor, keys: torch.Tensor, L: torch.Tensor,
+           alpha: float, beta: float) -> torch.Tensor:
+    """Tip-Adapter-F logits: 100 f W^T + alpha * exp(-beta (1 - f keys^T)) L (keys not re-normalised)."""
+    return tip.logits(f, W, keys, L, alpha, beta)
+
+
+def fit(X: torch.Tensor, y, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor, val_f: torch.Tensor, val_y,
+        config: TipFConfig | None = None, callback: Callable[[dict], None] | None = None) -> TipFFit:
+    """Train the cache keys on augmented train views X (R, D) with labels y (R,).
+
+    W (C, D) text classifier, F (N, D) initial keys, L (N, C) values (frozen); val_f, val_y pick the epoch.
+    callback(entry) is called after every epoch with {"epoch", "loss", "train_acc", "val_acc", "lr"}.
+    """
+    config = TipFConfig() if config is None else config
+    config.validate()
+    y_t, vy = check_inputs(X, y, W, F, L, val_f, val_y)
+    dev = torch.device(config.device)
+    dt = F.dtype
+    Xd, Wd, Ld = X.to(dev, dt), W.to(dev, dt), L.to(dev, dt)
+    vf, vy = val_f.to(dev, dt), vy.to(dev)
+    y_t = y_t.to(dev)
+    keys = torch.nn.Parameter(F.detach().to(dev).clone())
+    alpha, beta = float(config.init_alpha), float(config.init_beta)
+    z_train = zeroshot.logits(Xd, Wd)  # frozen part, computed once
+
+    def batch_logits(rows):
+        xb = Xd[rows]
+        return z_train[rows] + alpha * tip.cache_logits(xb @ keys.t(), Ld, beta)
+
+    def val_correct():
+        return int((logits(vf, Wd, keys.detach(), Ld, alpha, beta).argmax(dim=-1) == vy).sum())
+
+    best, best_epoch, log, val_init = train_loop(
+        [keys], batch_logits, y_t, val_correct, int(vy.numel()),
+        lambda: keys.detach().cpu().clone(), config, callback)
+    return TipFFit(keys=best, best_epoch=best_epoch, log=log, val_acc_init=val_init, config=config)
+
+
+def select(fit_result: TipFFit, val_f: torch.Tensor, val_y, W: torch.Tensor, L: torch.Tensor,
+           test_f: torch.Tensor | None = None, test_y=None, s: tuple = (7, 7), n: tuple = (200, 20)) -> Selection:
+    """Re-search (beta, alpha) on val with the trained keys (tip.select's grid, beta outer, first best),
+    then evaluate test once. The epoch was already fixed on val by `fit`."""
+    if not isinstance(fit_result, TipFFit):
+        raise CachekitError("select needs the TipFFit returned by tipf.fit; fix: pass fit(...)'s result")
+    if len(s) != 2 or len(n) != 2:
+        raise CachekitError(f"s={s!r}, n={n!r}: expected (s_beta, s_alpha) and (n_beta, n_alpha); "
+                            "fix: pass two values each")
+    keys = fit_result.keys.to(device=val_f.device, dtype=val_f.dtype)
+    sel = tip.select(val_f, torch.as_tensor(val_y).long(), W, keys, L, test_f=test_f,
+                     test_y=None if test_y is None else torch.as_tensor(test_y).long(),
+                     s_beta=s[0], s_alpha=s[1], n_beta=int(n[0]), n_alpha=int(n[1]))
+    params = {"beta": sel.params["beta"], "alpha": sel.params["alpha"], "epoch": fit_result.best_epoch}
+    extra = dict(sel.extra)
+    extra.update({"epoch_val_acc": [e["val_acc"] for e in fit_result.log],
+                  "val_acc_init": fit_result.val_acc_init,
+                  "init": {"alpha": fit_result.config.init_alpha, "beta": fit_result.config.init_beta}})
+    return Selection(method="tipf", params=params, val_acc=sel.val_acc, test_acc=sel.test_acc, extra=extra)
