@@ -202,7 +202,7 @@ def train_loop(params: Sequence[torch.Tensor], batch_logits: Callable[[torch.Ten
             val_ok = int(val_correct())
         entry = {"epoch": epoch, "loss": loss_sum / per_epoch, "train_acc": 100.0 * correct / per_epoch,
                  "val_acc": 100.0 * val_ok / n_val, "lr": lr}
-        if val_ok >= best:  # strictly better: the first best epoch wins ties
+        if val_ok > best:  # strictly better: the first best epoch wins ties
             best, best_epoch, best_state = val_ok, epoch, snapshot()
         log.append(entry)
         if callback is not None:
