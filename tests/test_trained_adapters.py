@@ -344,6 +344,13 @@ def test_search_never_reads_test_labels_and_equals_naive_loop():
         (lambda **kw: apet.select(ra, d["vf"], d["vy"], d["W"], d["F"], d["L"], d["ky"], **kw),
          lambda f, a, b: apet.logits(f, d["W"], d["F"], d["L"], d["ky"], idx, ra.residual, ra.values, a, b)),
     ]
+    # any value matrix, negative weights included (the search must not assume one-hot or >= 0 values)
+    neg = apet.APETFit(residual=0.2 * torch.randn(6, 6, generator=g), values=torch.randn(24, generator=g) + 0.5,
+                       best_epoch=3, idx=idx, config=apet.APETConfig(normalize=False))
+    assert (neg.values < 0).any()
+    runs.append((lambda **kw: apet.select(neg, d["vf"], d["vy"], d["W"], d["F"], d["L"], d["ky"], **kw),
+                 lambda f, a, b: apet.logits(f, d["W"], d["F"], d["L"], d["ky"], idx, neg.residual, neg.values, a,
+                                             b, normalize=False)))
     for k, (sel_fn, logit_fn) in enumerate(runs):
         grids = [((3, 11), (37, 9))] + ([((7, 7), (200, 20))] if k == 0 else [])  # default grid once (time)
         for s, n in grids:

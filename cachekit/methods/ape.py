@@ -76,9 +76,7 @@ def _class_layout(y: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     return index, mask
 
 
-_BETA_BLOCK = 8  # betas bounded together (see _grid_counts)
-_ROW_BUDGET = 1 << 22  # classes x (sample, gamma) rows held at once; samples are processed in chunks
-_TOL = 1e-4  # relative margin of the bounds, far above float rounding
+_ROW_BUDGET = 1 << 22  # classes x (sample, gamma) columns held at once; samples are processed in chunks
 
 
 def _grid_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch.Tensor,
@@ -86,92 +84,33 @@ def _grid_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch.
     """Correct val counts (n_beta, n_alpha, n_gamma) of argmax_c(z + alpha * cache(beta, gamma)).
 
     z (M, C) zero-shot logits, y (M,) labels, A_m1 (C, M, Kmax) = A - 1 per class slot, R (C, Kmax, G)
-    per-slot values L[n, c] * exp(gamma_g * div_n) (0 on padding), so that
-    cache[m, c](beta, gamma_g) = sum_k exp(beta * A_m1[c, m, k]) * R[c, k, g].
-
-    Exact (counts equal the literal evaluation of these logits) and fast: for a block of consecutive
-    betas, the cache of every class lies between its values at the block's smallest and largest beta
-    (exp(beta (A - 1)) is monotone in beta as A <= 1, and everything is >= 0). Those two batched matmuls
-    bound every logit difference to the true class over the whole block and alpha range; a class below
-    the true class by the margin everywhere is dropped, a class above it everywhere makes the sample
-    wrong, and only the remaining (sample, gamma, class) triples, usually a few per sample, get their cache
-    computed at each beta and are compared exactly (tip.pair_wrong). Rows are (sample, gamma) pairs.
+    the slot values L[n, c] * exp(gamma_g * div_n) (0 on padding), so that
+    cache[m, c](beta, gamma_g) = sum_k exp(beta * A_m1[c, m, k]) * R[c, k, g]:
+    one exp and one batched matmul per beta give the cache for every gamma, and
+    tip.LinearArgmaxCounter counts every alpha exactly.
     """
     C, M, K = A_m1.shape
     G = R.shape[2]
-    dev, dt = z.device, z.dtype
-    al, perm = torch.sort(torch.tensor(alphas, dtype=dt, device=dev))
-    A = al.numel()
-    lo, hi = float(al[0]), float(al[-1])
-    if lo < 0:
-        raise CachekitError(f"the alpha grid holds a negative value ({lo}); fix: use a positive alpha scale")
-    # Monotone in beta only if no affinity exceeds 1 (normalised features); otherwise bound each beta alone.
-    block = _BETA_BLOCK if float(A_m1.max()) <= 1e-6 else 1
-    counts = torch.zeros(len(betas), G, A, dtype=torch.long)
-    R_rows = R.permute(0, 2, 1).reshape(C * G, K)  # row c * G + g
-    chunk = max(1, _ROW_BUDGET // (C * G))
-    for m0 in range(0, M, chunk):
-        m1 = min(M, m0 + chunk)
-        Mc = m1 - m0
-        Rn = Mc * G  # rows r = m * G + g
-        zt = z[m0:m1].t().contiguous()  # (C, Mc)
-        yc = y[m0:m1]
-        zd = zt - zt.gather(0, yc.view(1, Mc))
-        zd.scatter_(0, yc.view(1, Mc), float("-inf"))
-        zd = zd.unsqueeze(2).expand(C, Mc, G).reshape(C, Rn).contiguous()
-        y_rows = yc.repeat_interleave(G)
-        y_flat = y_rows * Rn + torch.arange(Rn, device=dev)
-        zmax = z[m0:m1].abs().amax(dim=1).repeat_interleave(G)
-        Am = A_m1[:, m0:m1].contiguous()  # (C, Mc, K)
-        A_rows = Am.view(C * Mc, K)  # row c * Mc + m
-        z_flat = zt.view(-1)  # index c * Mc + m
-        buf = [torch.empty(C, Rn, dtype=dt, device=dev) for _ in range(3)]
-        mask = torch.empty(C, Rn, dtype=torch.bool, device=dev)
-        for b0 in range(0, len(betas), block):
-            bs = betas[b0:b0 + block]
-            k_hi = torch.bmm(torch.exp(min(bs) * Am), R).view(C, Rn)
-            k_lo = k_hi if len(bs) == 1 else torch.bmm(torch.exp(max(bs) * Am), R).view(C, Rn)
-            tol = _TOL * (zmax + hi * k_hi.amax(dim=0))
-            # Bounds of d = (z_c - z_y) + alpha (k_c - k_y) over the block and alpha in [lo, hi].
-            t = torch.sub(k_hi, k_lo.view(-1).index_select(0, y_flat), out=buf[0])
-            d_max = torch.add(zd, t, alpha=lo, out=buf[1])
-            d_max.add_(t.clamp_(min=0), alpha=hi - lo)
-            t = torch.sub(k_lo, k_hi.view(-1).index_select(0, y_flat), out=buf[0])
-            d_min = torch.add(zd, t, alpha=lo, out=buf[2])
-            d_min.add_(t.clamp_(max=0), alpha=hi - lo)
-            sure_wrong = d_min.amax(dim=0) > tol  # (Rn,)
-            cand = torch.ge(d_max, -tol, out=mask)
-            cand &= ~sure_wrong
-            f = torch.nonzero(cand.view(-1)).squeeze(1)
-            base = (~sure_wrong).view(Mc, G).sum(dim=0)  # (G,) rows not surely wrong
-            counts[b0:b0 + len(bs)] += base.view(1, G, 1).cpu()
-            if f.numel() == 0:
-                continue
-            c, r = f // Rn, f % Rn
-            open_rows, rp = torch.unique(r, return_inverse=True)  # rows needing exact comparison
-            n_open = open_rows.numel()
-            t_open = y_rows.index_select(0, open_rows)
-            all_c = torch.cat([c, t_open])
-            all_r = torch.cat([r, open_rows])
-            em = all_c * Mc + all_r // G
-            uniq, inv = torch.unique(em, return_inverse=True)
-            X = A_rows.index_select(0, uniq)  # (U, K)
-            Rg = R_rows.index_select(0, all_c * G + all_r % G)  # (P, K)
-            zall = z_flat.index_select(0, em)
-            P = c.numel()
-            zc, zt_p, t_p = zall[:P], zall[P:].index_select(0, rp), t_open.index_select(0, rp)
-            tolp = tol.index_select(0, r)
-            open_g = open_rows % G
-            for i, beta in enumerate(bs):
-                kall = (torch.exp(beta * X).index_select(0, inv) * Rg).sum(dim=1)
-                kc, kt = kall[:P], kall[P:].index_select(0, rp)
-                wrong = tip.pair_wrong(zc, kc, zt_p, kt, c, t_p, rp, n_open, al, tolp)  # (n_open, A)
-                lost = torch.zeros(G, A, dtype=torch.long, device=dev)
-                lost.index_add_(0, open_g, wrong.to(torch.long))
-                counts[b0 + i] -= lost.cpu()
-    out = torch.empty_like(counts)
-    out[:, :, perm.cpu()] = counts  # back to the caller's alpha order
-    return out.permute(0, 2, 1).contiguous()  # (n_beta, n_alpha, n_gamma)
+    al = torch.tensor(alphas, dtype=z.dtype, device=z.device)
+    counts = torch.zeros(len(betas), len(alphas), G, dtype=torch.long)
+    step = max(1, _ROW_BUDGET // (C * G))
+    for m0 in range(0, M, step):
+        Am = A_m1[:, m0:m0 + step].contiguous()  # (C, Mc, K)
+        Mc = Am.shape[1]
+        counter = tip.LinearArgmaxCounter(z[m0:m0 + step], y[m0:m0 + step], al, G)
+        E = torch.empty_like(Am)
+        cache = torch.empty(C, Mc, G, dtype=z.dtype, device=z.device)
+        for i, beta in enumerate(betas):
+            if i % tip._SCALE_BLOCK == 0:
+                # The cache for beta in a block is at most the sum of its values at the block's two
+                # ends (exp(beta a) is monotone in beta, R >= 0).
+                bs = betas[i:i + tip._SCALE_BLOCK]
+                counter.set_scale((torch.bmm(torch.exp(min(bs) * Am), R)
+                                   + torch.bmm(torch.exp(max(bs) * Am), R)).amax(dim=0).reshape(-1))
+            torch.exp(torch.mul(Am, beta, out=E), out=E)  # exp(-beta (1 - A)) per class slot
+            torch.bmm(E, R, out=cache)  # (C, Mc, G): column m * G + g
+            counts[i] += counter.count(cache.view(C, Mc * G)).t().cpu()  # (A, G)
+    return counts
 
 
 def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,

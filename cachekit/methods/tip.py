@@ -24,8 +24,14 @@ def cache_logits(A: torch.Tensor, L: torch.Tensor, beta: float) -> torch.Tensor:
 
 def logits(f: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
            alpha: float, beta: float) -> torch.Tensor:
-    """Tip-Adapter logits 100 f W^T + alpha * exp(-beta (1 - f F^T)) L, shape (M, C)."""
-    return zeroshot.logits(f, W) + alpha * cache_logits(affinity(f, F), L, beta)
+    """Tip-Adapter logits 100 f W^T + alpha * exp(-beta (1 - f F^T)) L, shape (M, C).
+
+    Computed in chunks of samples (to bound memory), the same chunks `select` uses on val.
+    """
+    step = _row_chunk(max(F.shape[0], W.shape[0]))
+    parts = [zeroshot.logits(fc, W) + alpha * cache_logits(affinity(fc, F), L, beta)
+             for fc in f.split(step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -38,7 +44,8 @@ def logits(f: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
 # the counts are bit-for-bit those of the literal evaluation.
 
 _PAIR_BLOCK = 1 << 22  # bound on (alphas x pairs) evaluated literally at once
-_TOL = 1e-4  # relative margin: far above the float rounding of the bounds, far below real differences
+_SCALE_BLOCK = 20  # betas sharing one set of margins
+_CHUNK_ELEMS = 1 << 23  # samples are processed in chunks of about this many (sample x key) entries
 
 
 def _literal_beats(zc, kc, zt, kt, c, t, al_row):
@@ -56,143 +63,178 @@ def pair_wrong(zc: torch.Tensor, kc: torch.Tensor, zt: torch.Tensor, kt: torch.T
     Pair p compares class c[p] (zero-shot zc, cache kc) with the true class t[p] (zt, kt) of row row[p];
     al (A,) must be ascending; tolp (P,) is the margin of each pair. Class c beats t at alpha when
     zc + alpha kc > zt + alpha kt as computed literally, or when they are equal and c < t (argmax keeps the
-    first maximum). The difference crosses zero once, at alpha* = -(zc - zt) / (kc - kt): the two grid
-    points next to alpha* are evaluated literally, the others follow from the sign once the margin at the
-    nearest of them confirms it; a pair without such a clear crossing is evaluated literally throughout.
+    first maximum). The difference crosses zero once, at alpha* = -(zc - zt) / (kc - kt), so a pair beats
+    t on one side of alpha* only: the two grid points next to alpha* are evaluated literally, the others
+    follow from the side once the margin at the nearest of them confirms it, and a pair without such a
+    clear crossing is evaluated literally at every alpha. Per row, the beaten alphas of all its pairs are
+    then one prefix (pairs with kc < kt), one suffix (kc > kt) and rare isolated points.
     """
     A = al.numel()
-    wrong = torch.zeros(n_rows, A, dtype=torch.bool, device=al.device)
+    dev = al.device
+    a_idx = torch.arange(A, device=dev)
+    wrong = torch.zeros(n_rows, A, dtype=torch.bool, device=dev)
     if c.numel() == 0:
         return wrong
     zd, kd = zc - zt, kc - kt  # rounded: used with the margin only
-    sgn = torch.sign(kd)
-    nz = kd != 0
-    cross = torch.where(nz, -zd / torch.where(nz, kd, torch.ones_like(kd)), torch.zeros_like(kd))
+    nzk = kd != 0
+    cross = torch.where(nzk, -zd / torch.where(nzk, kd, torch.ones_like(kd)), torch.zeros_like(kd))
     j = torch.searchsorted(al, cross.contiguous())  # number of grid alphas below alpha*
+    sgn = torch.sign(kd)
     right_ok = (j + 1 >= A) | (sgn * (zd + al[(j + 1).clamp(max=A - 1)] * kd) > tolp)
     left_ok = (j - 2 < 0) | (-sgn * (zd + al[(j - 2).clamp(min=0)] * kd) > tolp)
-    clear = right_ok & left_ok
+    clear = right_ok & left_ok & nzk
 
-    width = A + 1  # difference array per row: +1 where a beaten range starts, -1 after it ends
-    diff = torch.zeros(n_rows * width, dtype=torch.int32, device=al.device)
-    base = row * width
+    def literal(jj):  # does c beat t at grid point jj (False outside the grid)
+        a = al.index_select(0, jj.clamp(0, A - 1))
+        lc = zc + kc * a
+        lt = zt + kt * a
+        return ((lc > lt) | ((lc == lt) & (c < t))) & (jj >= 0) & (jj < A)
 
-    def mark(first, last_excl, sel):
-        n = int(sel.sum())
-        if n:
-            diff.index_add_(0, (base + first)[sel], torch.ones(n, dtype=torch.int32, device=al.device))
-            diff.index_add_(0, (base + last_excl)[sel], torch.full((n,), -1, dtype=torch.int32,
-                                                                     device=al.device))
+    b1, b2 = literal(j - 1), literal(j)
+    pos = kd > 0
+    # kd > 0: beaten on [start, A) plus, rarely, the isolated point j - 1 (b1 without b2).
+    start = torch.where(b2, torch.where(b1, j - 1, j), j + 1).clamp(0, A)
+    # kd < 0: beaten on [0, stop) plus, rarely, the isolated point j (b2 without b1).
+    stop = torch.where(b1, torch.where(b2, j + 1, j), j - 1).clamp(0, A)
+    sel = clear & pos
+    first_bad = torch.full((n_rows,), A, dtype=torch.long, device=dev)
+    first_bad.scatter_reduce_(0, row[sel], start[sel], reduce="amin")
+    sel = clear & ~pos
+    prefix_bad = torch.zeros(n_rows, dtype=torch.long, device=dev)
+    prefix_bad.scatter_reduce_(0, row[sel], stop[sel], reduce="amax")
+    wrong = (a_idx >= first_bad.unsqueeze(1)) | (a_idx < prefix_bad.unsqueeze(1))
+    iso = clear & pos & b1 & ~b2
+    wrong[row[iso], (j - 1)[iso]] = True
+    iso = clear & ~pos & b2 & ~b1
+    wrong[row[iso], j[iso]] = True
 
-    pos, neg = kd > 0, kd < 0
-    start = torch.where(pos, j + 1, torch.zeros_like(j)).clamp(max=A)  # kd > 0: beats right of alpha*
-    stop = torch.where(pos, torch.full_like(j, A), torch.where(neg, (j - 1).clamp(min=0), torch.zeros_like(j)))
-    mark(start, stop, clear & (start < stop))
-    for jj in (j - 1, j):  # the grid points next to the crossing, literally
-        jc = jj.clamp(0, A - 1)
-        al_p = al.index_select(0, jc)
-        lc = zc + kc * al_p
-        lt = zt + kt * al_p
-        hit = clear & (jj >= 0) & (jj < A) & ((lc > lt) | ((lc == lt) & (c < t)))
-        mark(jc, jc + 1, hit)
-    wrong |= torch.cumsum(diff.view(n_rows, width), dim=1)[:, :A] > 0
-
-    fb = torch.nonzero(~clear).squeeze(1)
+    fb = torch.nonzero(~clear).squeeze(1)  # no clear crossing: every alpha literally
     block = max(1, _PAIR_BLOCK // A)
     al_row = al.unsqueeze(0)
     for s0 in range(0, fb.numel(), block):
         q = fb[s0:s0 + block]
         beats = _literal_beats(zc[q], kc[q], zt[q], kt[q], c[q], t[q], al_row)
-        hits = torch.zeros(n_rows, A, dtype=torch.int32, device=al.device)
+        hits = torch.zeros(n_rows, A, dtype=torch.int32, device=dev)
         hits.index_add_(0, row[q], beats.to(torch.int32))
         wrong |= hits > 0
     return wrong
 
 
-class RowSetup:
-    """What the exact counter needs about the zero-shot logits, computed once per search.
+class LinearArgmaxCounter:
+    """Exact correct counts of argmax_c(z[m] + alpha * k[m, c]) for every alpha, for many cache terms k.
 
-    Rows are samples repeated `G` times (row g * M + m is sample m in the g-th cache variant).
-    zr (C, R): zero-shot logits z[m, c]; zd (C, R): z[m, c] - z[m, y_m], with -inf at c = y_m;
-    yr (R,): true class; zmax (R,): max_c |z[m, c]|. Also holds reusable work buffers.
+    z (M, C) zero-shot logits and y (M,) labels are fixed; each call to `count` passes one cache term in
+    the class-major layout k (C, M * G): column m * G + g is sample m under the g-th cache variant (the
+    gamma of APE; G = 1 for Tip-Adapter). alphas (A,) must be >= 0 (any order). Before counting, call
+    `set_scale(k_scale)` with k_scale (M * G,) bounding |k| over the cache terms to come; it sets the margin
+    tol = 256 eps (max_c |z| + max(alpha) * k_scale) per column, far above the rounding of the bounds.
+
+    With kd = k_c - k_y and zd = z_c - z_y, class c could tie or beat the true class y at some alpha in
+    [lo, hi] only if zd + alpha kd >= -tol at alpha = lo or hi, i.e. kd >= theta_c; and it beats y at every
+    alpha if zd + alpha kd > tol at both ends, i.e. kd > phi_c. theta and phi depend on z and the scale
+    only, so `count` needs a few passes over k plus `pair_wrong` on the few remaining candidates.
     """
 
-    def __init__(self, z: torch.Tensor, labels: torch.Tensor, G: int = 1):
+    def __init__(self, z: torch.Tensor, y: torch.Tensor, alphas: torch.Tensor, G: int = 1,
+                 k_scale: torch.Tensor | None = None):
         M, C = z.shape
-        y = labels.reshape(-1).long().to(z.device)
+        y = y.reshape(-1).long().to(z.device)
         if y.numel() != M:
             raise CachekitError(f"{y.numel()} labels for {M} samples; fix: pass one label per sample")
-        zt = z.t()
+        al, self.perm = torch.sort(alphas.to(dtype=z.dtype, device=z.device).reshape(-1))
+        if float(al[0]) < 0:
+            raise CachekitError(f"alpha grid holds a negative value ({float(al[0])}); "
+                                "fix: use non-negative alphas")
+        self.al, self.A = al, al.numel()
+        self.M, self.G, self.C, self.R = M, G, C, M * G
+        zt = z.t().contiguous()  # (C, M)
+        self.z_flat = zt.view(-1)  # index c * M + m
+        self.y_rows = y.repeat_interleave(G)
+        self.y_flat = self.y_rows * self.R + torch.arange(self.R, device=z.device)  # (y_r, r) in (C, R)
+        self.zmax = z.abs().amax(dim=1).repeat_interleave(G)
         zd = zt - zt.gather(0, y.view(1, M))
         zd.scatter_(0, y.view(1, M), float("-inf"))
-        self.M, self.G, self.C, self.R = M, G, C, G * M
-        self.zr = zt.unsqueeze(1).expand(C, G, M).reshape(C, G * M).contiguous()
-        self.zd = zd.unsqueeze(1).expand(C, G, M).reshape(C, G * M).contiguous()
-        self.yr = y.repeat(G)
-        self.y_flat = self.yr * self.R + torch.arange(self.R, device=z.device)  # flat index of (y_r, r)
-        self.zmax = z.abs().amax(dim=1).repeat(G)
-        self._buf = [torch.empty(C, G * M, dtype=z.dtype, device=z.device) for _ in range(3)]
-        self._mask = torch.empty(C, G * M, dtype=torch.bool, device=z.device)
+        self.zd = zd.unsqueeze(2).expand(C, M, G).reshape(C, self.R)
+        self.rel = 256 * torch.finfo(z.dtype).eps
+        self._kd = torch.empty(C, self.R, dtype=z.dtype, device=z.device)
+        self._mask = torch.empty(C, self.R, dtype=torch.bool, device=z.device)
+        self.theta = self.phi = self.tol = None
+        if k_scale is not None:
+            self.set_scale(k_scale)
 
+    def set_scale(self, k_scale: torch.Tensor) -> None:
+        """Margins for cache terms with |k[:, r]| <= k_scale[r]."""
+        lo, hi = float(self.al[0]), float(self.al[-1])
+        self.tol = self.rel * (self.zmax + hi * k_scale.reshape(-1).to(self.zmax.dtype).abs())
+        inf = float("inf")
 
-def correct_rows(rows: RowSetup, k: torch.Tensor, alphas: torch.Tensor, nonneg: bool = False) -> torch.Tensor:
-    """bool (R, A): argmax_c(zr[:, r] + alphas[a] * k[:, r]) == yr[r] (argmax = first maximum), exactly.
+        def ratio(num, a):  # the smallest kd with a * kd >= num, for a >= 0
+            if a > 0:
+                return num / a
+            return torch.where(num <= 0, torch.full_like(num, -inf), torch.full_like(num, inf))
 
-    k (C, R): the cache term of each row (see RowSetup); nonneg: the caller knows k >= 0. A class below
-    the true class by the margin at both ends of the alpha range is below it at every alpha (linearity);
-    one above it by the margin at both ends makes the row wrong at every alpha; the remaining (row, class)
-    pairs, usually a few per row, go to `pair_wrong`.
-    """
-    C, R = k.shape
-    if (C, R) != (rows.C, rows.R):
-        raise CachekitError(f"cache term {tuple(k.shape)} does not match the rows ({rows.C}, {rows.R}); "
-                            "fix: pass k as (C, G * M)")
-    k = k.contiguous()
-    al, perm = torch.sort(alphas.to(dtype=k.dtype, device=k.device).reshape(-1))
-    A = al.numel()
-    lo, hi = float(al[0]), float(al[-1])
-    kd, d_lo, d_hi = rows._buf
-    k_flat = k.view(-1)
-    torch.sub(k, k_flat.index_select(0, rows.y_flat), out=kd)
-    torch.add(rows.zd, kd, alpha=lo, out=d_lo)  # -inf at the true class
-    torch.add(rows.zd, kd, alpha=hi, out=d_hi)
-    k_abs = k.amax(dim=0) if nonneg else torch.maximum(k.amax(dim=0), -k.amin(dim=0))
-    tol = _TOL * (rows.zmax + max(abs(lo), abs(hi)) * k_abs)
-    d_max = torch.maximum(d_lo, d_hi, out=kd)
-    d_min = torch.minimum(d_lo, d_hi, out=d_lo)
-    sure_wrong = d_min.amax(dim=0) > tol  # some class above the true one by the margin at every alpha
-    cand = torch.ge(d_max, -tol, out=rows._mask)  # could tie or beat the true class somewhere
-    cand &= ~sure_wrong
-    f = torch.nonzero(cand.view(-1)).squeeze(1)
-    c, r = f // R, f % R
-    ft = rows.y_flat.index_select(0, r)
-    zr_flat = rows.zr.view(-1)
-    wrong = pair_wrong(zr_flat.index_select(0, f), k_flat.index_select(0, f), zr_flat.index_select(0, ft),
-                       k_flat.index_select(0, ft), c, rows.yr.index_select(0, r), r, R, al,
-                       tol.index_select(0, r))
-    wrong |= sure_wrong.unsqueeze(1)
-    correct = ~wrong
-    if not bool((perm == torch.arange(A, device=perm.device)).all()):
-        out = torch.empty_like(correct)
-        out[:, perm] = correct
-        correct = out
-    return correct
+        need = torch.sub(-self.tol, self.zd, out=self._kd)  # c reaches y at alpha iff alpha * kd >= need
+        self.theta = torch.minimum(ratio(need, lo), ratio(need, hi))
+        over = torch.sub(self.tol, self.zd, out=self._kd)  # c beats y at alpha iff alpha * kd > over
+        if lo > 0:
+            self.phi = torch.maximum(over / lo, over / hi)
+        else:
+            r_hi = ratio(over, hi)
+            self.phi = torch.where(over < 0, r_hi, torch.full_like(r_hi, inf))
+
+    def correct(self, k: torch.Tensor) -> torch.Tensor:
+        """bool (R, A), alphas in ascending order: is column r classified correctly at alpha_a."""
+        if self.theta is None:
+            raise CachekitError("LinearArgmaxCounter used before set_scale; fix: call set_scale(k_scale)")
+        C, R = k.shape
+        if (C, R) != (self.C, self.R):
+            raise CachekitError(f"cache term {tuple(k.shape)} does not match ({self.C}, {self.R}); "
+                                "fix: pass k as (C, M * G)")
+        k = k.contiguous()
+        k_flat = k.view(-1)
+        k_true = k_flat.index_select(0, self.y_flat)  # (R,)
+        kd = torch.sub(k, k_true, out=self._kd)
+        cand = torch.ge(kd, self.theta, out=self._mask)
+        sure_wrong = kd.sub_(self.phi).amax(dim=0) > 0  # some class beats y by the margin at every alpha
+        cand &= ~sure_wrong
+        f = torch.nonzero(cand.view(-1)).squeeze(1)
+        c, r = f // R, f % R
+        m = r // self.G
+        t = self.y_rows.index_select(0, r)
+        wrong = pair_wrong(self.z_flat.index_select(0, c * self.M + m), k_flat.index_select(0, f),
+                           self.z_flat.index_select(0, t * self.M + m), k_true.index_select(0, r),
+                           c, t, r, R, self.al, self.tol.index_select(0, r))
+        wrong |= sure_wrong.unsqueeze(1)
+        return ~wrong
+
+    def count(self, k: torch.Tensor) -> torch.Tensor:
+        """LongTensor (G, A), alphas in the caller's order: correct samples per cache variant and alpha."""
+        ok = self.correct(k).view(self.M, self.G, self.A).sum(dim=0, dtype=torch.long)
+        out = torch.empty_like(ok)
+        out[:, self.perm] = ok
+        return out
 
 
 def count_correct(z: torch.Tensor, k: torch.Tensor, labels: torch.Tensor,
                   alphas: torch.Tensor) -> torch.Tensor:
     """Correct-prediction counts of the logits z + alpha * k[g], for every g and every alpha at once.
 
-    z (M, C), k (G, M, C), labels (M,), alphas (A,) -> LongTensor (G, A) with
+    z (M, C), k (G, M, C), labels (M,), alphas (A,) >= 0 -> LongTensor (G, A) with
     out[g, a] = sum_m [argmax_c(z[m] + alphas[a] * k[g, m]) == labels[m]] (argmax = first maximum),
-    exactly as the literal evaluation gives it (see `correct_rows`).
+    exactly as the literal evaluation gives it (see LinearArgmaxCounter).
     """
     if z.dim() != 2 or k.dim() != 3 or k.shape[1:] != z.shape:
         raise CachekitError(f"count_correct: z {tuple(z.shape)} and k {tuple(k.shape)} do not match; "
                             "fix: pass z (M, C) and k (G, M, C)")
     G, M, C = k.shape
-    ok = correct_rows(RowSetup(z, labels, G), k.permute(2, 0, 1).reshape(C, G * M), alphas)
-    return ok.view(G, M, -1).sum(dim=1, dtype=torch.long)
+    kk = k.permute(2, 1, 0).reshape(C, M * G)  # column m * G + g
+    counter = LinearArgmaxCounter(z, labels, alphas, G, kk.abs().amax(dim=0))
+    return counter.count(kk)
+
+
+def _row_chunk(n_cols: int) -> int:
+    """Samples per chunk so that a (samples x n_cols) block stays near 8M elements."""
+    return max(1, _CHUNK_ELEMS // max(1, n_cols))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,14 +251,25 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
     """
     betas = beta_grid(s_beta, n_beta)
     alphas = alpha_grid(s_alpha, n_alpha)
-    z = zeroshot.logits(val_f, W)
-    A = affinity(val_f, F)
-    al = torch.tensor(alphas, dtype=z.dtype, device=z.device)
-    rows = RowSetup(z, val_y)
-    counts = torch.empty(n_beta, n_alpha, dtype=torch.long)
-    for i, beta in enumerate(betas):
-        cache = cache_logits(A, L, beta)  # the same operations as `logits`, so the same bits
-        counts[i] = correct_rows(rows, cache.t().contiguous(), al).sum(dim=0).cpu()
+    al = torch.tensor(alphas, dtype=val_f.dtype, device=val_f.device)
+    y = val_y.reshape(-1).long().to(val_f.device)
+    L_abs = L.abs()
+    counts = torch.zeros(n_beta, n_alpha, dtype=torch.long)
+    step = _row_chunk(max(F.shape[0], W.shape[0]))
+    for fc, yc in zip(val_f.split(step), y.split(step)):
+        z = zeroshot.logits(fc, W)
+        A = affinity(fc, F)
+        counter = LinearArgmaxCounter(z, yc, al)
+        for i, beta in enumerate(betas):
+            if i % _SCALE_BLOCK == 0:
+                # |cache| for beta in a block is at most the sum of its values at the block's two ends
+                # (exp(-beta (1 - a)) is monotone in beta).
+                bs = betas[i:i + _SCALE_BLOCK]
+                ends = torch.exp(-min(bs) * (1 - A)) + torch.exp(-max(bs) * (1 - A))
+                counter.set_scale((ends @ L_abs).amax(dim=1))
+                del ends
+            cache = cache_logits(A, L, beta)  # the same operations as `logits`, so the same bits
+            counts[i] += counter.count(cache.t())[0].cpu()
     flat = first_best(counts)
     i, j = divmod(flat, n_alpha)
     best = counts.reshape(-1)[flat]

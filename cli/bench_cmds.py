@@ -1,0 +1,176 @@
+"""bench: speed ratios against a baseline measured in the same run (library: cachekit.bench)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .common import CONTEXT, emit_json, friendly, int_list, note, table
+
+
+def _shape(ctx, param, value):
+    out = int_list(ctx, param, value)
+    if out is None or len(out) < 1 or min(out) < 1:
+        raise click.BadParameter(f"{value!r} must be positive integers, e.g. 2048,7,7")
+    return out
+
+
+def _pair(ctx, param, value):
+    out = _shape(ctx, param, value)
+    if len(out) != 2:
+        raise click.BadParameter(f"{value!r} must be two integers W,H, e.g. 320,240")
+    return out
+
+
+def _common(fn):
+    """Output options shared by every bench subcommand."""
+    fn = click.option("--docs", "docs_path", type=click.Path(dir_okay=False), default=None,
+                      help="Benchmarks document to update with --write-docs (default: docs/benchmarks.md).")(fn)
+    fn = click.option("--write-docs", is_flag=True,
+                      help="Replace this benchmark's section (between its markers) in docs/benchmarks.md.")(fn)
+    fn = click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+                      help="Save the JSON result to this file.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the JSON result on stdout.")(fn)
+    fn = click.option("--threads", type=click.IntRange(min=1), default=None,
+                      help="torch threads for the run (default: torch's own). 1 is steadier on a shared machine.")(fn)
+    return fn
+
+
+def _finish(res: dict, as_json: bool, out_path, write_docs: bool, docs_path):
+    from cachekit.bench import write_docs_section
+
+    if out_path:
+        p = Path(out_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
+        note(f"saved {p}")
+    if write_docs:
+        note(f"updated section '{res['bench']}' of {write_docs_section(res, docs_path)}")
+    if as_json:
+        emit_json(res)
+        return
+    click.echo(table(res["table"]["rows"], res["table"]["header"]))
+    h = res["headline"]
+    click.echo(f"{h}: {res['ratios'][h]:.3g}x" + (" (extrapolated baseline)" if h in res["extrapolated_ratios"] else ""))
+    for n in res["notes"]:
+        note(f"- {n}")
+    note(f"reproduce: {res['command']}")
+
+
+@click.group(context_settings=CONTEXT)
+def bench():
+    """Speed ratios of cachekit against the usual way, measured in the same run.
+
+    Every subcommand prints a table (or --json), can save it (--out) and can replace its own section of
+    docs/benchmarks.md (--write-docs). Baselines too slow to run in full are timed on a part and
+    extrapolated linearly; the output says so.
+    """
+
+
+@bench.command("refine", context_settings=CONTEXT)
+@click.option("--classes", default=1000, type=click.IntRange(min=2))
+@click.option("--shots", default=16, type=click.IntRange(min=1))
+@click.option("--dim", default=1024, type=click.IntRange(min=1))
+@click.option("--pairs", default=2000, type=click.IntRange(min=1),
+              help="Ordered class pairs the literal loop is timed on (then extrapolated to all C(C-1)).")
+@click.option("--repeats", default=5, type=click.IntRange(min=1), help="Timings of the closed form (median).")
+@click.option("--check-classes", default=7, type=click.IntRange(min=2))
+@click.option("--check-shots", default=4, type=click.IntRange(min=1))
+@click.option("--check-dim", default=48, type=click.IntRange(min=1))
+@click.option("--seed", default=0, type=int)
+@_common
+@friendly
+def refine_cmd(as_json, out_path, write_docs, docs_path, **kw):
+    """Closed-form APE channel criterion vs the literal O(C^2 S^2 D) pairwise loop."""
+    from cachekit.bench import bench_refine
+
+    _finish(bench_refine(**kw), as_json, out_path, write_docs, docs_path)
+
+
+@bench.command("grid", context_settings=CONTEXT)
+@click.option("--shots", default=16, type=click.IntRange(min=1))
+@click.option("--classes", default=100, type=click.IntRange(min=2))
+@click.option("--val", default=1000, type=click.IntRange(min=2), help="Val images (also the test split).")
+@click.option("--configs", default=100, type=click.IntRange(min=1), help="Tip/APE configurations to run.")
+@click.option("--views", default=10, type=click.IntRange(min=0), help="Augmented views per train image.")
+@click.option("--model", default="RN-tiny", help="CLIP model of the cache (random weights).")
+@click.option("--batch-size", default=64, type=click.IntRange(min=1))
+@click.option("--workers", default=0, type=click.IntRange(min=0))
+@click.option("--device", default="cpu")
+@click.option("--dim", default=1024, type=click.IntRange(min=1), help="(b) feature dimension of the synthetic features.")
+@click.option("--top-k", default=500, type=click.IntRange(min=1), help="(b) APE refined channels.")
+@click.option("--naive-points", default=100, type=click.IntRange(min=1),
+              help="(b) grid points the naive loop is timed on (then extrapolated).")
+@click.option("--check-n", default="6,4,4", callback=_shape, help="(b) reduced grid (n_beta,n_alpha,n_gamma) for the same-pick check.")
+@click.option("--seed", default=0, type=int)
+@_common
+@friendly
+def grid_cmd(as_json, out_path, write_docs, docs_path, **kw):
+    """(a) Tip/APE configurations on one cache vs re-extracting per configuration; (b) vectorised APE
+    search vs a naive per-point loop."""
+    from cachekit.bench import bench_grid
+
+    _finish(bench_grid(**kw), as_json, out_path, write_docs, docs_path)
+
+
+@bench.command("io", context_settings=CONTEXT)
+@click.option("--images", default=512, type=click.IntRange(min=1), help="Dense maps to read.")
+@click.option("--dense-shape", default="2048,7,7", callback=_shape, help="Map shape (RN50: 2048,7,7).")
+@click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]))
+@click.option("--batch", default=64, type=click.IntRange(min=1))
+@click.option("--repeats", default=3, type=click.IntRange(min=1))
+@click.option("--cold/--no-cold", default=True, help="Also measure after dropping the files from the page cache.")
+@click.option("--cache", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Read an existing cache instead of synthetic maps.")
+@click.option("--split", default="val", type=click.Choice(["train", "val", "test"]))
+@click.option("--seed", default=0, type=int)
+@_common
+@friendly
+def io_cmd(as_json, out_path, write_docs, docs_path, **kw):
+    """Dense-map read throughput from a cache vs numpy reads of the same bytes."""
+    from cachekit.bench import bench_io
+
+    _finish(bench_io(**kw), as_json, out_path, write_docs, docs_path)
+
+
+@bench.command("safe", context_settings=CONTEXT)
+@click.option("--images", default=32, type=click.IntRange(min=1))
+@click.option("--epochs", default=1, type=click.IntRange(min=1))
+@click.option("--model", default="RN50", help="CLIP model (random weights), e.g. RN50 or RN-tiny-224.")
+@click.option("--views", default=1, type=click.IntRange(min=1), help="Augmented views per image.")
+@click.option("--batch-size", default=16, type=click.IntRange(min=1))
+@click.option("--classes", default=4, type=click.IntRange(min=1))
+@click.option("--device", default="cpu", help="cpu or cuda[:N].")
+@click.option("--workers", default=0, type=click.IntRange(min=0), help="DataLoader workers of the usual way.")
+@click.option("--image-size", default="320,240", callback=_pair, help="JPEG width,height.")
+@click.option("--seed", default=1, type=int)
+@_common
+@friendly
+def safe_cmd(as_json, out_path, write_docs, docs_path, **kw):
+    """Seconds per SAFE epoch on cached dense maps vs decode + augment + backbone every epoch."""
+    from cachekit.bench import bench_safe
+
+    _finish(bench_safe(**kw), as_json, out_path, write_docs, docs_path)
+
+
+@bench.command("extract", context_settings=CONTEXT)
+@click.option("--model", default="RN50", help="CLIP model (random weights).")
+@click.option("--images", default=64, type=click.IntRange(min=2))
+@click.option("--device", default="cpu", help="cpu or cuda[:N].")
+@click.option("--batch-size", default=32, type=click.IntRange(min=1))
+@click.option("--workers", default=0, type=click.IntRange(min=0))
+@click.option("--views", default=0, type=click.IntRange(min=0), help="Augmented views per train image.")
+@click.option("--classes", default=4, type=click.IntRange(min=1))
+@click.option("--image-size", default="500,375", callback=_pair, help="JPEG width,height.")
+@click.option("--seed", default=0, type=int)
+@_common
+@friendly
+def extract_cmd(as_json, out_path, write_docs, docs_path, **kw):
+    """Images/s of a full extract from JPEGs vs the bare encode_image forward."""
+    from cachekit.bench import bench_extract
+
+    _finish(bench_extract(**kw), as_json, out_path, write_docs, docs_path)
+
+
+COMMANDS = [bench]
