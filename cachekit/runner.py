@@ -33,7 +33,19 @@ def _safe_defaults() -> dict:
     return {**SafeConfig().to_dict(), "blend": "feature"}
 
 
+def _adapter_defaults() -> dict[str, dict]:
+    from .methods.apet import APETConfig
+    from .methods.tipf import TipFConfig
+
+    return {"tipf": {**TipFConfig().to_dict(), "s": [7, 7], "n": [200, 20]},
+            "apet": {**APETConfig().to_dict(), "top_k": 500, "weights": [0.2, 0.8], "s": [7, 7], "n": [200, 20]}}
+
+
 DEFAULTS["safe"] = _safe_defaults()
+DEFAULTS.update(_adapter_defaults())
+# SAFE-A: an adapter trained on SAFE-pooled features; `safe` and `adapter_config` override those defaults.
+DEFAULTS["safe-a"] = {"adapter": "tipf", "safe": {}, "adapter_config": {}}
+_SEARCH_KEYS = ("s", "n", "top_k", "weights")
 
 
 @dataclass
@@ -125,9 +137,50 @@ class Runner:
             extra = {"trained": res["trained"], "val_acc_frozen": sel.extra["val_acc_frozen"],
                      "test_acc_frozen": sel.extra.get("test_acc_frozen"),
                      "final_train_loss": res["log"][-1]["loss"] if res["log"] else None}
+        elif method in ("tipf", "apet"):
+            X, yv = self.cache.train_views(k, seed)
+            sel, extra = self._adapter(method, params, X, yv, x.F, x.key_labels, x.L, x.W,
+                                       x.val_f, x.val_y, x.test_f, x.test_y)
+        elif method == "safe-a":
+            sel, extra = self._safe_a(k, seed, params, x)
         else:
             raise CachekitError(f"unknown method {method!r}; fix: one of {', '.join(DEFAULTS)}")
         return self.record(method, k, seed, params, sel, time.perf_counter() - t0, extra)
+
+    def _adapter(self, method, params, X, yv, F, key_labels, L, W, val_f, val_y, test_f, test_y):
+        """Train Tip-Adapter-F or APE-T (epoch chosen on val), then search (beta, alpha) on val."""
+        from .methods import apet, tipf
+
+        cfg = {k2: v for k2, v in params.items() if k2 not in _SEARCH_KEYS}
+        s, n = tuple(params["s"]), tuple(params["n"])
+        if method == "tipf":
+            fit = tipf.fit(X, yv, W, F, L, val_f, val_y, tipf.TipFConfig.from_dict(cfg))
+            sel = tipf.select(fit, val_f, val_y, W, L, test_f, test_y, s=s, n=n)
+        else:
+            idx = apet.default_channels(W, int(params["top_k"]), tuple(params["weights"]))
+            fit = apet.fit(X, yv, W, F, L, key_labels, idx, val_f, val_y, apet.APETConfig.from_dict(cfg))
+            sel = apet.select(fit, val_f, val_y, W, F, L, key_labels, test_f, test_y, s=s, n=n)
+        return sel, {"best_epoch": fit.best_epoch, "val_acc_init": fit.val_acc_init}
+
+    def _safe_a(self, k, seed, params, x):
+        """SAFE-A: SAFE (stored fit reused) re-pools train views, val and test from the cached dense
+        maps through the fine-tuned layer, blended with beta chosen on val; then the adapter."""
+        from .methods.safe import SafeConfig
+        from .safe_run import blended_features, fit_safe, pooled_train_views
+
+        adapter = params["adapter"]
+        if adapter not in ("tipf", "apet"):
+            raise CachekitError(f"safe-a adapter {adapter!r} is unknown; fix: tipf or apet")
+        sp = method_params("safe", params["safe"])
+        cfg = SafeConfig.from_dict({k2: v for k2, v in sp.items() if k2 != "blend"})
+        res = fit_safe(self.cache, k, seed, cfg, blend="feature")
+        X, yv, keys = pooled_train_views(self.cache, k, seed, res, cfg)
+        ap = method_params(adapter, params["adapter_config"])
+        val_f, test_f = blended_features(res, "val"), blended_features(res, "test")
+        sel, extra = self._adapter(adapter, ap, X, yv, keys, x.key_labels, x.L, x.W, val_f, x.val_y,
+                                   test_f, x.test_y)
+        extra.update({"safe_beta": res["selection"].params["beta"], "safe_trained": res["trained"]})
+        return sel, extra
 
     def record(self, method, k, seed, config, sel, seconds, extra=None) -> dict:
         m = self.cache.meta

@@ -175,3 +175,17 @@ def test_fit_safe_stores_and_eval_reuses(cache_copy):
               "--set", "safe.warmup_epochs=0", "--set", "safe.batch_size=4", "--json")
     rec = json.loads(res.stdout)
     assert rec["extra"]["trained"] is False and rec["metrics"]["test_acc"] == d["test_acc"]
+
+
+def test_trained_adapters_and_safe_a_run_from_the_cache(cache_copy):
+    res = run("eval", cache_copy, "--method", "tipf,apet,safe-a", "--shots", 2, "--seeds", 1,
+              "--set", "tipf.epochs=2", "--set", "tipf.n=[10,5]",
+              "--set", "apet.epochs=2", "--set", "apet.top_k=16", "--set", "apet.n=[10,5]",
+              "--set", 'safe-a.safe={"epochs": 2, "warmup_epochs": 0, "batch_size": 4}',
+              "--set", 'safe-a.adapter_config={"epochs": 2, "n": [10, 5]}', "--json")
+    assert res.exit_code == 0, res.output
+    recs = {r["method"]: r for r in map(json.loads, res.stdout.splitlines())}
+    assert set(recs) == {"tipf", "apet", "safe-a"}
+    for r in recs.values():
+        assert 1 <= r["params"]["epoch"] <= 2 and r["metrics"]["test_acc"] is not None
+    assert recs["safe-a"]["extra"]["safe_trained"] is True

@@ -40,10 +40,15 @@ def entry_weights(div: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def logits(f: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor, key_labels: torch.Tensor,
            idx: torch.Tensor, alpha: float, beta: float, gamma: float) -> torch.Tensor:
-    """APE training-free logits (M, C); idx are the refined channels (refine.select_channels)."""
-    f_r, F_r, W_r = refine(f, idx), refine(F, idx), refine(W, idx)
-    r = entry_weights(kl_divergence_bits(F_r, W_r, key_labels), gamma)
-    return zeroshot.logits(f, W) + alpha * cache_logits(f_r @ F_r.t(), L * r.unsqueeze(1), beta)
+    """APE training-free logits (M, C); idx are the refined channels (refine.select_channels).
+
+    Computed in chunks of samples to bound memory (each sample's logits do not depend on the others).
+    """
+    F_r, W_r = refine(F, idx), refine(W, idx)
+    values = L * entry_weights(kl_divergence_bits(F_r, W_r, key_labels), gamma).unsqueeze(1)
+    parts = [zeroshot.logits(fc, W) + alpha * cache_logits(refine(fc, idx) @ F_r.t(), values, beta)
+             for fc in f.split(tip._row_chunk(max(F.shape[0], W.shape[0])))]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _check_one_hot(L: torch.Tensor, key_labels: torch.Tensor, C: int) -> torch.Tensor:
@@ -79,37 +84,31 @@ def _class_layout(y: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
 _ROW_BUDGET = 1 << 22  # classes x (sample, gamma) columns held at once; samples are processed in chunks
 
 
-def _grid_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch.Tensor,
-                 betas: list, alphas: list) -> torch.Tensor:
-    """Correct val counts (n_beta, n_alpha, n_gamma) of argmax_c(z + alpha * cache(beta, gamma)).
+def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch.Tensor,
+                  betas: list, al: torch.Tensor) -> torch.Tensor:
+    """Correct counts (n_beta, n_alpha, n_gamma) of argmax_c(z + alpha * cache(beta, gamma)) on some samples.
 
     z (M, C) zero-shot logits, y (M,) labels, A_m1 (C, M, Kmax) = A - 1 per class slot, R (C, Kmax, G)
-    the slot values L[n, c] * exp(gamma_g * div_n) (0 on padding), so that
-    cache[m, c](beta, gamma_g) = sum_k exp(beta * A_m1[c, m, k]) * R[c, k, g]:
-    one exp and one batched matmul per beta give the cache for every gamma, and
-    tip.LinearArgmaxCounter counts every alpha exactly.
+    the slot values L[n, c] * exp(gamma_g * div_n) (0 on padding slots), so that
+    cache[m, c](beta, gamma_g) = sum_k exp(beta * A_m1[c, m, k]) * R[c, k, g]: one exp and one batched
+    matmul per beta give the cache for every gamma, and tip.LinearArgmaxCounter counts every alpha exactly.
     """
-    C, M, K = A_m1.shape
+    C, M, _ = A_m1.shape
     G = R.shape[2]
-    al = torch.tensor(alphas, dtype=z.dtype, device=z.device)
-    counts = torch.zeros(len(betas), len(alphas), G, dtype=torch.long)
-    step = max(1, _ROW_BUDGET // (C * G))
-    for m0 in range(0, M, step):
-        Am = A_m1[:, m0:m0 + step].contiguous()  # (C, Mc, K)
-        Mc = Am.shape[1]
-        counter = tip.LinearArgmaxCounter(z[m0:m0 + step], y[m0:m0 + step], al, G)
-        E = torch.empty_like(Am)
-        cache = torch.empty(C, Mc, G, dtype=z.dtype, device=z.device)
-        for i, beta in enumerate(betas):
-            if i % tip._SCALE_BLOCK == 0:
-                # The cache for beta in a block is at most the sum of its values at the block's two
-                # ends (exp(beta a) is monotone in beta, R >= 0).
-                bs = betas[i:i + tip._SCALE_BLOCK]
-                counter.set_scale((torch.bmm(torch.exp(min(bs) * Am), R)
-                                   + torch.bmm(torch.exp(max(bs) * Am), R)).amax(dim=0).reshape(-1))
-            torch.exp(torch.mul(Am, beta, out=E), out=E)  # exp(-beta (1 - A)) per class slot
-            torch.bmm(E, R, out=cache)  # (C, Mc, G): column m * G + g
-            counts[i] += counter.count(cache.view(C, Mc * G)).t().cpu()  # (A, G)
+    counts = torch.zeros(len(betas), al.numel(), G, dtype=torch.long)
+    counter = tip.LinearArgmaxCounter(z, y, al, G)
+    E = torch.empty_like(A_m1)
+    cache = torch.empty(C, M, G, dtype=z.dtype, device=z.device)
+    for i, beta in enumerate(betas):
+        if i % tip._SCALE_BLOCK == 0:
+            # The cache for beta in a block is at most the sum of its values at the block's two ends
+            # (exp(beta a) is monotone in beta, R >= 0).
+            bs = betas[i:i + tip._SCALE_BLOCK]
+            counter.set_scale((torch.bmm(torch.exp(min(bs) * A_m1), R)
+                               + torch.bmm(torch.exp(max(bs) * A_m1), R)).amax(dim=0).reshape(-1))
+        torch.exp(torch.mul(A_m1, beta, out=E), out=E)  # exp(-beta (1 - A)) per class slot
+        torch.bmm(E, R, out=cache)  # (C, M, G): column m * G + g
+        counts[i] = counter.count(cache.view(C, M * G)).t().cpu()  # (A, G)
     return counts
 
 
@@ -120,25 +119,30 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
 
     s = (s_beta, s_alpha, s_gamma), n = (n_beta, n_alpha, n_gamma); beta_i = 0.1 + i (s_beta - 0.1)/n_beta,
     alpha_j = 0.1 + j (s_alpha - 0.1)/n_alpha, gamma_k = k s_gamma/n_gamma. Visiting order beta, alpha,
-    gamma (gamma innermost); on equal val accuracy the first point in that order wins.
+    gamma (gamma innermost); on equal val accuracy the first point in that order wins. Test data, when
+    given, is used only after the choice is made.
     """
     betas, alphas, gammas = beta_grid(s[0], n[0]), alpha_grid(s[1], n[1]), gamma_grid(s[2], n[2])
     C = W.shape[0]
     y_keys = _check_one_hot(L, key_labels, C)
     dt, dev = val_f.dtype, val_f.device
-    z = zeroshot.logits(val_f, W)
     F_r, W_r = refine(F, idx), refine(W, idx)
-    A = refine(val_f, idx) @ F_r.t()  # (M, N)
     div = kl_divergence_bits(F_r, W_r, y_keys)  # (N,)
     # Keys laid out per class slot (C, Kmax); padding slots carry zero value.
     index, mask = _class_layout(y_keys.cpu(), C)
     index, mask = index.to(dev), mask.to(dev)
-    A_m1 = (A.t()[index] - 1).permute(0, 2, 1).contiguous()  # (C, M, Kmax)
-    g_t = torch.tensor(gammas, dtype=dt, device=dev)
     value = L[index, torch.arange(C, device=dev).unsqueeze(1)] * mask.to(dt)  # (C, Kmax)
+    g_t = torch.tensor(gammas, dtype=dt, device=dev)
     R = torch.exp(div[index].unsqueeze(2) * g_t.view(1, 1, -1)) * value.unsqueeze(2)  # (C, Kmax, G)
+    al = torch.tensor(alphas, dtype=dt, device=dev)
     y = val_y.reshape(-1).long().to(dev)
-    counts = _grid_counts(z, y, A_m1, R, betas, alphas)
+    step = max(1, min(_ROW_BUDGET // (C * len(gammas)), tip._row_chunk(F.shape[0])))
+    counts = torch.zeros(len(betas), len(alphas), len(gammas), dtype=torch.long)
+    for fc, yc in zip(val_f.split(step), y.split(step)):
+        A = refine(fc, idx) @ F_r.t()  # (Mc, N)
+        A_m1 = (A.t()[index] - 1).permute(0, 2, 1).contiguous()  # (C, Mc, Kmax)
+        del A
+        counts += _chunk_counts(zeroshot.logits(fc, W), yc, A_m1, R, betas, al)
     flat = first_best(counts)
     i, rest = divmod(flat, len(alphas) * len(gammas))
     j, k = divmod(rest, len(gammas))

@@ -1,0 +1,78 @@
+"""GDA (Gaussian discriminant analysis, training-free) on every augmented view of the few-shot set.
+
+    mu_c  = mean of the features of class c
+    S     = sum over all n views of (x - mu_y)(x - mu_y)^T      (scatter of class-centred features)
+    Sigma = S / (n - 1)                                          (unbiased, ddof = 1; shared by all classes)
+    P     = D * pinv((n - 1) Sigma + tr(Sigma) I) = D * pinv(S + tr(Sigma) I)
+    W_c   = P mu_c,   b_c = log(1/C) - mu_c^T P mu_c / 2
+    logits = 100 f W_text^T + alpha * (f W_gda^T + b),   alpha in {1e-4, ..., 1e2} chosen on val.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import CachekitError
+from . import zeroshot
+from .base import Selection, accuracy, correct_counts, first_best
+from .grids import gda_alpha_grid
+
+
+def fit(X: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_gda (C, D), b (C,)) from features X (n, D), each view L2-normalised, and labels y (n,).
+
+    Computed in float64 and returned in X's dtype. Every class needs at least one view.
+    """
+    if X.dim() != 2:
+        raise CachekitError(f"GDA features have shape {tuple(X.shape)}; fix: pass X as (n_views, D)")
+    y = y.reshape(-1).long().to(X.device)
+    n, D = X.shape
+    C = int(num_classes)
+    if y.numel() != n:
+        raise CachekitError(f"GDA got {y.numel()} labels for {n} features; fix: pass one label per view")
+    if n < 2:
+        raise CachekitError(f"GDA needs at least 2 feature vectors, got {n}; fix: use more shots or views")
+    if int(y.min()) < 0 or int(y.max()) >= C:
+        raise CachekitError(f"GDA labels must lie in 0..{C - 1}; fix: pass 0-based labels matching W")
+    counts = torch.bincount(y, minlength=C)
+    if bool((counts == 0).any()):
+        missing = torch.nonzero(counts == 0).flatten()[:5].tolist()
+        raise CachekitError(f"GDA: classes {missing} have no training features; "
+                            "fix: give every class at least one shot")
+    Xd = X.double()
+    mu = torch.zeros(C, D, dtype=torch.float64, device=X.device).index_add_(0, y, Xd)
+    mu /= counts.unsqueeze(1).double()
+    centred = Xd - mu[y]
+    S = centred.t() @ centred  # (n - 1) * Sigma
+    trace_sigma = torch.diagonal(S).sum() / (n - 1)
+    P = D * torch.linalg.pinv(S + trace_sigma * torch.eye(D, dtype=torch.float64, device=X.device),
+                              hermitian=True)
+    W = mu @ P  # rows P mu_c (P is symmetric)
+    b = math.log(1.0 / C) - 0.5 * (W * mu).sum(dim=1)
+    return W.to(X.dtype), b.to(X.dtype)
+
+
+def logits(f: torch.Tensor, W: torch.Tensor, W_gda: torch.Tensor, b: torch.Tensor,
+           alpha: float) -> torch.Tensor:
+    """100 f W^T + alpha * (f W_gda^T + b), shape (M, C)."""
+    return zeroshot.logits(f, W) + alpha * (f @ W_gda.t() + b)
+
+
+def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
+           test_f: torch.Tensor | None = None, test_y: torch.Tensor | None = None) -> Selection:
+    """Fit on (X, y), choose alpha on val (first best in the order 1e-4, 1e-3, ..., 1e2), apply to test."""
+    W_gda, b = fit(X, y, W.shape[0])
+    alphas = gda_alpha_grid()
+    z = zeroshot.logits(val_f, W)
+    g = val_f @ W_gda.t() + b
+    yv = val_y.reshape(-1).long().to(val_f.device)
+    counts = torch.stack([correct_counts(z + a * g, yv) for a in alphas]).cpu()
+    j = first_best(counts)
+    alpha = alphas[j]
+    val_acc = float(counts[j].item()) * 100.0 / yv.numel()
+    test_acc = None
+    if test_f is not None and test_y is not None:
+        test_acc = accuracy(logits(test_f, W, W_gda, b, alpha), test_y)
+    extra = {"grid_index": j, "grid": alphas, "ties": int((counts == counts[j]).sum().item())}
+    return Selection(method="gda", params={"alpha": alpha}, val_acc=val_acc, test_acc=test_acc, extra=extra)

@@ -1,0 +1,85 @@
+"""Per-dataset presets of the training-free methods (docs/methods-training-free.md).
+
+Each preset is a plain dict:
+  templates     prompt templates of the text classifier (the anchors' per-dataset choice)
+  template_set  the matching name in cachekit.templates.TEMPLATE_SETS
+  s             search scales (s_beta, s_alpha, s_gamma) of Tip-Adapter (first two) and APE
+  n             search steps (n_beta, n_alpha, n_gamma); ImageNet uses n_gamma = 5
+  q_ape         channels kept by APE's refinement (RN50, D = 1024)
+  q_ape_t       channels kept by APE-T's refinement
+  w             (w0, w1) of APE's criterion J = -w0 sim + w1 var
+  w_ape_t       (w0, w1) of APE-T's criterion (text-only similarity)
+"default" is for datasets outside the benchmark: the Caltech101-style settings with the median Q.
+"""
+from __future__ import annotations
+
+import copy
+
+from ..errors import CachekitError
+
+_IMAGENET7 = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+]
+_PHOTO = ["a photo of a {}."]
+
+
+def _preset(template_set, templates, s, q_ape, q_ape_t, w, n_gamma=20):
+    return {"templates": list(templates), "template_set": template_set, "s": tuple(s),
+            "n": (200, 20, n_gamma), "q_ape": q_ape, "q_ape_t": q_ape_t, "w": tuple(w), "w_ape_t": (0.2, 0.8)}
+
+
+PRESETS: dict[str, dict] = {
+    "imagenet": _preset("imagenet", _IMAGENET7, (7, 7, 0.5), 500, 500, (0.7, 0.3), n_gamma=5),
+    "caltech101": _preset("caltech101", _PHOTO, (7, 7, 1), 800, 900, (0.5, 0.5)),
+    "dtd": _preset("dtd", ["{} texture."], (7, 7, 1), 400, 700, (0.5, 0.5)),
+    "eurosat": _preset("eurosat", ["a centered satellite photo of {}."], (30, 5, 1.5), 700, 900, (0.9, 0.1)),
+    "fgvcaircraft": _preset("fgvcaircraft", ["a photo of a {}, a type of aircraft."], (20, 10, 1), 800, 900,
+                            (0.1, 0.9)),
+    "food101": _preset("food101", ["a photo of {}, a type of food."], (7, 7, 1), 700, 900, (0.3, 0.7)),
+    "flowers102": _preset("flowers102", ["a photo of a {}, a type of flower."], (7, 7, 1), 700, 800,
+                          (0.4, 0.6)),
+    "oxfordpets": _preset("oxfordpets", ["a photo of a {}, a type of pet."], (7, 7, 1), 800, 800, (0.7, 0.3)),
+    "stanfordcars": _preset("stanfordcars", _PHOTO, (10, 7, 1), 500, 800, (0.6, 0.4)),
+    "sun397": _preset("sun397", _PHOTO, (10, 7, 1), 800, 800, (0.7, 0.3)),
+    "ucf101": _preset("ucf101", ["a photo of a person doing {}."], (10, 7, 1.5), 700, 800, (0.3, 0.7)),
+    "default": _preset("photo", _PHOTO, (7, 7, 1), 700, 800, (0.5, 0.5)),
+}
+
+#: Other spellings (CoOp directory and class names), compared after lower-casing and dropping - _ and spaces.
+ALIASES = {
+    "oxfordflowers": "flowers102",
+    "flowers": "flowers102",
+    "pets": "oxfordpets",
+    "cars": "stanfordcars",
+    "aircraft": "fgvcaircraft",
+    "describabletextures": "dtd",
+    "sun": "sun397",
+}
+
+
+def _key(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch not in "-_ ")
+
+
+def get_preset(name: str) -> dict:
+    """A deep copy of the preset for `name` (case, '-', '_' and spaces ignored; CoOp names accepted)."""
+    key = _key(name)
+    key = ALIASES.get(key, key)
+    if key not in PRESETS:
+        raise CachekitError(f"unknown dataset preset {name!r}; fix: use one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[key])
+
+
+def merge(preset: dict, overrides: dict | None) -> dict:
+    """preset updated with every override whose value is not None (user settings win); a new dict."""
+    out = copy.deepcopy(preset)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            out[key] = copy.deepcopy(value)
+    return out
