@@ -189,3 +189,13 @@ def test_trained_adapters_and_safe_a_run_from_the_cache(cache_copy):
     for r in recs.values():
         assert 1 <= r["params"]["epoch"] <= 2 and r["metrics"]["test_acc"] is not None
     assert recs["safe-a"]["extra"]["safe_trained"] is True
+
+
+def test_preset_then_user_override():
+    from cachekit.presets_apply import overrides_for
+
+    o = overrides_for(["ape", "tip", "apet"], "imagenet", {"ape": {"top_k": 7}})
+    assert o["ape"] == {"s": [7, 7, 0.5], "n": [200, 20, 5], "top_k": 7, "weights": [0.7, 0.3]}
+    assert o["tip"] == {"s": [7, 7], "n": [200, 20]}
+    assert o["apet"]["top_k"] == 500 and o["apet"]["weights"] == [0.2, 0.8]
+    assert "gda" not in overrides_for(["gda"], "dtd", {})

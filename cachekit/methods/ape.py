@@ -112,15 +112,13 @@ def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch
     return counts
 
 
-def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
-           key_labels: torch.Tensor, idx: torch.Tensor, test_f: torch.Tensor | None = None,
-           test_y: torch.Tensor | None = None, s: tuple = (7, 7, 1), n: tuple = (200, 20, 20)) -> Selection:
-    """Grid-search (beta, alpha, gamma) on val by accuracy; apply the best once to test.
+def grid_counts(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
+                key_labels: torch.Tensor, idx: torch.Tensor, s: tuple = (7, 7, 1),
+                n: tuple = (200, 20, 20)) -> torch.Tensor:
+    """Number of correct val predictions at every grid point: LongTensor (n_beta, n_alpha, n_gamma).
 
-    s = (s_beta, s_alpha, s_gamma), n = (n_beta, n_alpha, n_gamma); beta_i = 0.1 + i (s_beta - 0.1)/n_beta,
-    alpha_j = 0.1 + j (s_alpha - 0.1)/n_alpha, gamma_k = k s_gamma/n_gamma. Visiting order beta, alpha,
-    gamma (gamma innermost); on equal val accuracy the first point in that order wins. Test data, when
-    given, is used only after the choice is made.
+    Equal to evaluating `logits` at each point and counting argmax hits, but one exp and one batched
+    matmul per beta serve every gamma, and every alpha is counted at once (tip.LinearArgmaxCounter).
     """
     betas, alphas, gammas = beta_grid(s[0], n[0]), alpha_grid(s[1], n[1]), gamma_grid(s[2], n[2])
     C = W.shape[0]
@@ -143,6 +141,22 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
         A_m1 = (A.t()[index] - 1).permute(0, 2, 1).contiguous()  # (C, Mc, Kmax)
         del A
         counts += _chunk_counts(zeroshot.logits(fc, W), yc, A_m1, R, betas, al)
+    return counts
+
+
+def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
+           key_labels: torch.Tensor, idx: torch.Tensor, test_f: torch.Tensor | None = None,
+           test_y: torch.Tensor | None = None, s: tuple = (7, 7, 1), n: tuple = (200, 20, 20)) -> Selection:
+    """Grid-search (beta, alpha, gamma) on val by accuracy; apply the best once to test.
+
+    s = (s_beta, s_alpha, s_gamma), n = (n_beta, n_alpha, n_gamma); beta_i = 0.1 + i (s_beta - 0.1)/n_beta,
+    alpha_j = 0.1 + j (s_alpha - 0.1)/n_alpha, gamma_k = k s_gamma/n_gamma. Visiting order beta, alpha,
+    gamma (gamma innermost); on equal val accuracy the first point in that order wins. Test data, when
+    given, is used only after the choice is made.
+    """
+    betas, alphas, gammas = beta_grid(s[0], n[0]), alpha_grid(s[1], n[1]), gamma_grid(s[2], n[2])
+    counts = grid_counts(val_f, val_y, W, F, L, key_labels, idx, s, n)
+    y_keys = key_labels.reshape(-1).long()
     flat = first_best(counts)
     i, rest = divmod(flat, len(alphas) * len(gammas))
     j, k = divmod(rest, len(gammas))

@@ -240,14 +240,13 @@ def _row_chunk(n_cols: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
-           test_f: torch.Tensor | None = None, test_y: torch.Tensor | None = None,
-           s_beta: float = 7, s_alpha: float = 7, n_beta: int = 200, n_alpha: int = 20) -> Selection:
-    """Grid-search (beta, alpha) on val by accuracy, then apply the best once to test.
+def grid_counts(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
+                s_beta: float = 7, s_alpha: float = 7, n_beta: int = 200, n_alpha: int = 20) -> torch.Tensor:
+    """Number of correct val predictions at every grid point: LongTensor (n_beta, n_alpha).
 
-    Grid: beta_i = 0.1 + i (s_beta - 0.1) / n_beta (i < n_beta), alpha_j likewise. Visiting order: beta
-    outer, alpha inner; on equal val accuracy the first point in that order wins. Test data, when given,
-    is used only after the choice is made.
+    Equal, bit for bit, to evaluating `logits` at each point and counting argmax hits: the zero-shot term
+    and the affinity are computed once, exp(-beta (1 - A)) L once per beta (with the same operations as
+    `logits`), and every alpha is counted at once by LinearArgmaxCounter.
     """
     betas = beta_grid(s_beta, n_beta)
     alphas = alpha_grid(s_alpha, n_alpha)
@@ -270,6 +269,21 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
                 del ends
             cache = cache_logits(A, L, beta)  # the same operations as `logits`, so the same bits
             counts[i] += counter.count(cache.t())[0].cpu()
+    return counts
+
+
+def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
+           test_f: torch.Tensor | None = None, test_y: torch.Tensor | None = None,
+           s_beta: float = 7, s_alpha: float = 7, n_beta: int = 200, n_alpha: int = 20) -> Selection:
+    """Grid-search (beta, alpha) on val by accuracy, then apply the best once to test.
+
+    Grid: beta_i = 0.1 + i (s_beta - 0.1) / n_beta (i < n_beta), alpha_j likewise. Visiting order: beta
+    outer, alpha inner; on equal val accuracy the first point in that order wins. Test data, when given,
+    is used only after the choice is made.
+    """
+    betas = beta_grid(s_beta, n_beta)
+    alphas = alpha_grid(s_alpha, n_alpha)
+    counts = grid_counts(val_f, val_y, W, F, L, s_beta, s_alpha, n_beta, n_alpha)
     flat = first_best(counts)
     i, j = divmod(flat, n_alpha)
     best = counts.reshape(-1)[flat]
