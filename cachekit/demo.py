@@ -10,7 +10,10 @@ from .report import build_report
 from .runner import evaluate, store_refine
 
 DEMO_DATA = Path(__file__).parent / "demo_data" / "openclipart"
-DEMO_METHODS = ("zeroshot", "tip", "ape", "gda")
+DEMO_METHODS = ("zeroshot", "tip", "ape", "gda", "tipf", "apet", "safe", "safe-a")
+# Short training so the demo stays a demo on two CPU cores.
+DEMO_OVERRIDES = {"tipf": {"epochs": 5}, "apet": {"epochs": 5}, "safe": {"epochs": 10, "warmup_epochs": 2},
+                  "safe-a": {"safe": {"epochs": 10, "warmup_epochs": 2}, "adapter_config": {"epochs": 5}}}
 
 
 def run_demo(out_dir="cache/demo", model="RN-tiny", pretrained=None, shots=(1, 2, 4, 8), seeds=(1, 2, 3),
@@ -23,7 +26,8 @@ def run_demo(out_dir="cache/demo", model="RN-tiny", pretrained=None, shots=(1, 2
     with open_cache(cache_path) as c:
         q = max(1, c.embed_dim // 2)
         ref = store_refine(c, max(c.shots), c.seeds[0], q)
-        records = evaluate(c, list(methods), overrides={"ape": {"top_k": q}}, progress=progress)
+        over = {**DEMO_OVERRIDES, "ape": {"top_k": q}, "apet": {**DEMO_OVERRIDES["apet"], "top_k": q}}
+        records = evaluate(c, list(methods), overrides=over, progress=progress)
         weights = c.weights_label
     results = out_dir / "results.jsonl"
     with open(results, "w", encoding="utf-8") as fh:

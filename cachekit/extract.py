@@ -570,4 +570,6 @@ def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, unit
         "seeds": list(opts.seeds),
         "bad_images": len(all_bad),
         "val_is_test": bool(spec.val_is_test),
+        "with_replacement": {f"K{k}_seed{s}": [spec.classnames[c] for c in repl]
+                             for (k, s), (_, repl) in sorted(sets.items()) if repl},
     }

@@ -126,7 +126,7 @@ class Runner:
             from .methods import gda
 
             X, yv = self.cache.train_views(k, seed)
-            sel = gda.select(x.val_f, x.val_y, x.W, X, yv, self.cache.num_classes, x.test_f, x.test_y)
+            sel = gda.select(x.val_f, x.val_y, x.W, X, yv, x.test_f, x.test_y)
         elif method == "safe":
             from .methods.safe import SafeConfig
             from .safe_run import fit_safe

@@ -144,6 +144,7 @@ def io_cmd(as_json, out_path, write_docs, docs_path, **kw):
 @click.option("--device", default="cpu", help="cpu or cuda[:N].")
 @click.option("--workers", default=0, type=click.IntRange(min=0), help="DataLoader workers of the usual way.")
 @click.option("--image-size", default="320,240", callback=_pair, help="JPEG width,height.")
+@click.option("--repeats", default=1, type=click.IntRange(min=1), help="Interleaved repeats (median).")
 @click.option("--seed", default=1, type=int)
 @_common
 @friendly

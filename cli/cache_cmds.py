@@ -55,6 +55,11 @@ def extract(data, as_json, quiet, **kw):
         emit_json(res)
     else:
         note(f"weights: {res['weights']}")
+        for name, classes in (res.get("with_replacement") or {}).items():
+            note(f"NOTE: few-shot set {name}: {len(classes)} class(es) have fewer images than K and were "
+                 f"sampled with replacement: {', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}")
+        if res.get("bad_images"):
+            note(f"NOTE: {res['bad_images']} unreadable image(s) skipped and recorded in the cache (cachekit info --json)")
         click.echo(f"{res['status']}: {res['cache']}")
 
 

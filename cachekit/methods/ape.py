@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import CachekitError
-from . import zeroshot
+from . import tip, zeroshot
 from .base import Selection, accuracy, first_best
 from .grids import alpha_grid, beta_grid, gamma_grid
 from .refine import refine
-from . import tip
 from .tip import cache_logits
 
 #: Added inside the log of the KL term, as in the authors' code.

@@ -50,6 +50,9 @@ def inter_class_similarity(W: torch.Tensor, F: torch.Tensor | None, key_labels: 
     numbers of keys); with text_only=True the members are W[i] alone and F, key_labels are ignored.
     """
     C = _check_classes(W)
+    if not text_only and (F is None or key_labels is None):
+        raise CachekitError("the similarity over text and keys needs the cache keys and their labels; "
+                            "fix: pass F and key_labels, or text_only=True")
     mu = W.double() if text_only else class_means(W, F, key_labels)
     total = mu.sum(dim=0)
     sim = (total * total - (mu * mu).sum(dim=0)) / (C * (C - 1))

@@ -1,0 +1,211 @@
+"""`cachekit bench`: result shape, positive finite ratios, the correctness checks, docs sections, CLI JSON.
+
+Tiny sizes only; nothing here asserts on speed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cachekit import bench as B
+from cachekit.cli.bench_cmds import bench as bench_cli
+
+COMMON_KEYS = {"bench", "command", "date", "machine", "params", "ratios", "headline", "ratio_meaning",
+               "extrapolated", "extrapolated_ratios", "checks", "notes", "table"}
+MACHINE_KEYS = {"cpu", "cores", "torch", "torch_threads", "device", "load_average_start", "load_average_end"}
+
+
+def check_common(res: dict, name: str, ratio_keys: set[str]):
+    assert COMMON_KEYS <= set(res), COMMON_KEYS - set(res)
+    assert res["bench"] == name
+    assert res["command"].startswith(f"cachekit bench {name} ")
+    assert MACHINE_KEYS <= set(res["machine"])
+    assert set(res["ratios"]) == ratio_keys
+    assert res["headline"] in res["ratios"]
+    for k, v in res["ratios"].items():
+        assert isinstance(v, float) and math.isfinite(v) and v > 0, (k, v)
+    assert set(res["extrapolated_ratios"]) <= set(res["ratios"])
+    head, rows = res["table"]["header"], res["table"]["rows"]
+    assert head and rows and all(len(r) == len(head) for r in rows)
+    json.dumps(res)  # JSON-able
+    md = B.render_markdown(res)
+    assert res["command"] in md and res["machine"]["cpu"] in md
+
+
+# ----------------------------------------------------------------------------------------------- refine
+def test_literal_scores_equal_closed_form():
+    from cachekit.methods import refine
+
+    for seed, uneven in ((0, False), (1, True)):
+        W, F, y = B._synthetic_keys(6, 3, 20, seed, torch.float64, uneven=uneven)
+        assert (refine.scores(W, F, y, w0=0.3, w1=0.7).double() - B.literal_scores(W, F, y, 0.3, 0.7)).abs().max() < 1e-12
+        assert (refine.scores(W, None, None, text_only=True).double()
+                - B.literal_scores(W, None, None)).abs().max() < 1e-12
+
+
+def test_bench_refine():
+    res = B.bench_refine(classes=12, shots=2, dim=16, pairs=20, repeats=1, check_classes=5, check_shots=3,
+                         check_dim=12, threads=1)
+    check_common(res, "refine", {"literal_over_closed"})
+    assert res["extrapolated"] is True and res["literal"]["pairs_timed"] == 20 and res["literal"]["pairs_total"] == 132
+    assert "EXTRAPOLATED" in res["table"]["rows"][1][0] and "extrapolated" in B.render_markdown(res)
+    small = res["checks"]["small_case"]
+    assert small["max_abs_diff"] < 1e-6 and small["max_abs_diff_text_only"] < 1e-6 and small["agree"]
+
+
+def test_bench_refine_all_pairs_not_extrapolated():
+    res = B.bench_refine(classes=4, shots=1, dim=8, pairs=100, repeats=1, check_classes=3, check_shots=2,
+                         check_dim=4, threads=1)
+    assert res["extrapolated"] is False and res["extrapolated_ratios"] == []
+    assert res["literal"]["pairs_timed"] == 12
+
+
+# ----------------------------------------------------------------------------------------------- grid
+def test_naive_and_vectorised_ape_search_pick_the_same_point():
+    from cachekit.methods import ape, zeroshot
+    from cachekit.methods.grids import alpha_grid, beta_grid, gamma_grid
+    from cachekit.methods.refine import refine
+    from cachekit.runner import refine_channels
+
+    C, S, M, D, n = 5, 3, 60, 32, (5, 4, 3)
+    W, F, ky, vf, vy = B._synthetic_search_features(C, S, M, D, seed=3)
+    L = torch.nn.functional.one_hot(ky, C).float()
+    idx, _ = refine_channels(W, F, ky, 16)
+    z = zeroshot.logits(vf, W)
+    F_r, W_r = refine(F, idx), refine(W, idx)
+    A = refine(vf, idx) @ F_r.t()
+    div = ape.kl_divergence_bits(F_r, W_r, ky)
+    pts = B._grid_points(n)
+    counts = B.naive_ape_counts(z, A, div, L, vy, pts, beta_grid(7, n[0]), alpha_grid(7, n[1]), gamma_grid(1, n[2]))
+    sel = ape.select(vf, vy, W, F, L, ky, idx, s=(7, 7, 1), n=n)
+    assert tuple(sel.extra["grid_index"]) == pts[counts.index(max(counts))]
+    assert sel.val_acc == pytest.approx(max(counts) * 100.0 / M)
+
+
+def test_grid_configs_distinct():
+    cfgs = B.grid_configs(100, 1024)
+    assert len(cfgs) == 100 and len({json.dumps(c) for c in cfgs}) == 100
+    assert {m for m, _ in cfgs} == {"tip", "ape"}
+    with pytest.raises(Exception):
+        B.grid_configs(10_000, 64)
+
+
+def test_bench_grid(tmp_path):
+    res = B.bench_grid(shots=2, classes=3, val=6, configs=2, views=1, batch_size=8, dim=32, top_k=16,
+                       naive_points=10, check_n=(3, 2, 2), threads=1, workdir=tmp_path)
+    check_common(res, "grid", {"pipeline_total", "per_extra_config", "ape_search_naive_over_vectorised"})
+    assert res["checks"]["same_pick_reduced_grid"]["same"] is True
+    assert res["extrapolated_ratios"] == ["ape_search_naive_over_vectorised"]
+    assert len(res["grid_a"]["configs"]) == 2
+    assert res["grid_a"]["seconds_authors_total"] > res["grid_a"]["seconds_runs"]
+
+
+# ----------------------------------------------------------------------------------------------- io
+def test_bench_io(tmp_path):
+    res = B.bench_io(images=10, dense_shape=(16, 3, 3), batch=4, repeats=1, threads=1, workdir=tmp_path)
+    check_common(res, "io", {f"{s}_{k}" for s in ("cold", "warm") for k in
+                             ("seq_cache_over_numpy", "seq_cache_over_numpy_raw", "random_cache_over_numpy")})
+    assert res["data"]["bytes"] == 10 * 16 * 9 * 2
+    res = B.bench_io(images=5, dense_shape=(8, 2, 2), batch=2, repeats=1, cold=False, threads=1, workdir=tmp_path)
+    assert set(res["gb_per_s"]) == {"warm"} and "warm page cache only" in " ".join(res["notes"])
+
+
+def test_bench_io_on_existing_cache(tiny_cache, tmp_path):
+    res = B.bench_io(images=4, batch=2, repeats=1, cold=False, cache=str(tiny_cache), split="val", workdir=tmp_path)
+    assert res["data"]["maps"] <= 4 and "existing cache" in res["data"]["source"]
+    assert f"--cache {tiny_cache}" in res["command"]
+
+
+# ----------------------------------------------------------------------------------------------- safe, extract
+def test_bench_safe(tmp_path):
+    res = B.bench_safe(images=4, epochs=1, model="RN-tiny", batch_size=2, classes=2, image_size=(48, 40),
+                       threads=1, workdir=tmp_path)
+    check_common(res, "safe", {"usual_over_cached_memory", "usual_over_cached_hdf5"})
+    assert res["checks"]["losses_close"] is True
+    assert res["setup"]["samples"] == 4
+
+
+def test_bench_extract(tmp_path):
+    res = B.bench_extract(model="RN-tiny", images=4, batch_size=2, classes=2, image_size=(48, 40), threads=1,
+                          workdir=tmp_path)
+    check_common(res, "extract", {"extract_over_bare", "extract_without_model_build_over_bare"})
+    assert res["setup"]["encoded_images"] == 4
+
+
+def test_cuda_refused_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(Exception, match="no CUDA device"):
+        B.bench_extract(device="cuda")
+
+
+# ----------------------------------------------------------------------------------------------- docs
+def test_replace_section():
+    doc = "# T\n\nintro\n<!-- bench:io -->\nold io\n<!-- /bench:io -->\nmiddle\n<!-- bench:safe -->\nold safe\n<!-- /bench:safe -->\nend\n"
+    new = B.replace_section(doc, "io", "NEW IO\n")
+    assert new == doc.replace("old io", "NEW IO")
+    appended = B.replace_section(doc, "grid", "G")
+    assert appended.startswith(doc.rstrip("\n")) and appended.endswith("<!-- bench:grid -->\nG\n<!-- /bench:grid -->\n")
+    with pytest.raises(Exception, match="unmatched"):
+        B.replace_section("<!-- bench:io -->\nx\n", "io", "y")
+
+
+def _sections(text: str) -> dict[str, str]:
+    import re
+
+    return {m.group(1): m.group(0) for m in re.finditer(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", text, re.S)}
+
+
+def test_cli_write_docs_replaces_only_its_section(tmp_path):
+    real = B.DOCS_PATH
+    doc = tmp_path / "benchmarks.md"
+    if real.exists():
+        shutil.copy(real, doc)
+    else:
+        doc.write_text("# Benchmarks\n\n<!-- bench:refine -->\nx\n<!-- /bench:refine -->\n\n<!-- bench:io -->\ny\n<!-- /bench:io -->\n")
+    before = doc.read_text()
+    real_before = real.read_text() if real.exists() else None
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(bench_cli, ["refine", "--classes", "6", "--shots", "1", "--dim", "8", "--pairs", "5",
+                                         "--repeats", "1", "--check-classes", "3", "--check-shots", "2",
+                                         "--check-dim", "4", "--threads", "1", "--write-docs", "--docs", str(doc),
+                                         "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert json.loads(out.read_text())["ratios"] == d["ratios"]
+    after = doc.read_text()
+    sb, sa = _sections(before), _sections(after)
+    assert set(sb) == set(sa) and "refine" in sa
+    assert sa["refine"] != sb["refine"] and d["command"] in sa["refine"]
+    for name in sb:
+        if name != "refine":
+            assert sa[name] == sb[name]
+    assert after.replace(sa["refine"], "@") == before.replace(sb["refine"], "@")
+    if real_before is not None:
+        assert real.read_text() == real_before  # the real document is untouched
+
+
+def test_cli_json_parses_and_help():
+    res = CliRunner().invoke(bench_cli, ["refine", "--classes", "5", "--shots", "1", "--dim", "4", "--pairs", "3",
+                                         "--repeats", "1", "--check-classes", "3", "--check-shots", "1",
+                                         "--check-dim", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["bench"] == "refine" and d["ratios"]["literal_over_closed"] > 0
+    for cmd in ([], ["refine"], ["grid"], ["io"], ["safe"], ["extract"]):
+        r = CliRunner().invoke(bench_cli, cmd + ["--help"])
+        assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_cli_table_output():
+    res = CliRunner().invoke(bench_cli, ["refine", "--classes", "5", "--shots", "1", "--dim", "4", "--pairs", "3",
+                                         "--repeats", "1", "--check-classes", "3", "--check-shots", "1",
+                                         "--check-dim", "4"])
+    assert res.exit_code == 0
+    assert "literal_over_closed" in res.stdout and "reproduce: cachekit bench refine" in res.stderr
