@@ -91,6 +91,12 @@ def eval_(cache, methods, shots, seeds, preset, sets, out, as_json):
     with open_cache(cache) as c:
         records = evaluate(c, methods, shots, seeds, overrides, progress=not as_json)
         _weights_note(c)
+        if preset:
+            from cachekit.methods.presets import get_preset
+
+            if get_preset(preset)["templates"] != c.templates():
+                note(f"NOTE: the cache's text classifier was built with other templates than preset {preset}'s; "
+                     f"templates are fixed at extract time (cachekit extract --templates {preset}).")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a", encoding="utf-8") as fh:

@@ -16,39 +16,28 @@ from __future__ import annotations
 import copy
 
 from ..errors import CachekitError
+from ..templates import TEMPLATE_SETS
 
-_IMAGENET7 = [
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-]
-_PHOTO = ["a photo of a {}."]
-
-
-def _preset(template_set, templates, s, q_ape, q_ape_t, w, n_gamma=20):
-    return {"templates": list(templates), "template_set": template_set, "s": tuple(s),
+def _preset(template_set, s, q_ape, q_ape_t, w, n_gamma=20):
+    return {"templates": list(TEMPLATE_SETS[template_set]), "template_set": template_set, "s": tuple(s),
             "n": (200, 20, n_gamma), "q_ape": q_ape, "q_ape_t": q_ape_t, "w": tuple(w), "w_ape_t": (0.2, 0.8)}
 
 
 PRESETS: dict[str, dict] = {
-    "imagenet": _preset("imagenet", _IMAGENET7, (7, 7, 0.5), 500, 500, (0.7, 0.3), n_gamma=5),
-    "caltech101": _preset("caltech101", _PHOTO, (7, 7, 1), 800, 900, (0.5, 0.5)),
-    "dtd": _preset("dtd", ["{} texture."], (7, 7, 1), 400, 700, (0.5, 0.5)),
-    "eurosat": _preset("eurosat", ["a centered satellite photo of {}."], (30, 5, 1.5), 700, 900, (0.9, 0.1)),
-    "fgvcaircraft": _preset("fgvcaircraft", ["a photo of a {}, a type of aircraft."], (20, 10, 1), 800, 900,
+    "imagenet": _preset("imagenet", (7, 7, 0.5), 500, 500, (0.7, 0.3), n_gamma=5),
+    "caltech101": _preset("caltech101", (7, 7, 1), 800, 900, (0.5, 0.5)),
+    "dtd": _preset("dtd", (7, 7, 1), 400, 700, (0.5, 0.5)),
+    "eurosat": _preset("eurosat", (30, 5, 1.5), 700, 900, (0.9, 0.1)),
+    "fgvcaircraft": _preset("fgvcaircraft", (20, 10, 1), 800, 900,
                             (0.1, 0.9)),
-    "food101": _preset("food101", ["a photo of {}, a type of food."], (7, 7, 1), 700, 900, (0.3, 0.7)),
-    "flowers102": _preset("flowers102", ["a photo of a {}, a type of flower."], (7, 7, 1), 700, 800,
+    "food101": _preset("food101", (7, 7, 1), 700, 900, (0.3, 0.7)),
+    "flowers102": _preset("flowers102", (7, 7, 1), 700, 800,
                           (0.4, 0.6)),
-    "oxfordpets": _preset("oxfordpets", ["a photo of a {}, a type of pet."], (7, 7, 1), 800, 800, (0.7, 0.3)),
-    "stanfordcars": _preset("stanfordcars", _PHOTO, (10, 7, 1), 500, 800, (0.6, 0.4)),
-    "sun397": _preset("sun397", _PHOTO, (10, 7, 1), 800, 800, (0.7, 0.3)),
-    "ucf101": _preset("ucf101", ["a photo of a person doing {}."], (10, 7, 1.5), 700, 800, (0.3, 0.7)),
-    "default": _preset("photo", _PHOTO, (7, 7, 1), 700, 800, (0.5, 0.5)),
+    "oxfordpets": _preset("oxfordpets", (7, 7, 1), 800, 800, (0.7, 0.3)),
+    "stanfordcars": _preset("stanfordcars", (10, 7, 1), 500, 800, (0.6, 0.4)),
+    "sun397": _preset("sun397", (10, 7, 1), 800, 800, (0.7, 0.3)),
+    "ucf101": _preset("ucf101", (10, 7, 1.5), 700, 800, (0.3, 0.7)),
+    "default": _preset("photo", (7, 7, 1), 700, 800, (0.5, 0.5)),
 }
 
 #: Other spellings (CoOp directory and class names), compared after lower-casing and dropping - _ and spaces.
