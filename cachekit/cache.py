@@ -169,7 +169,7 @@ class Cache:
         for j in order:
             sel = np.s_[view, rows[j]] if split == "train" else np.s_[rows[j]]
             ds.read_direct(out, sel, np.s_[j])
-        return torch.from_numpy(out.astype(np.float32, copy=False))
+        return torch.from_numpy(out).float()  # torch converts float16 several times faster than numpy
 
     def dense_source(self, split: str, rows=None, views=(0,)) -> "DenseSource":
         return DenseSource(self, split, rows, views)
@@ -262,7 +262,7 @@ class DenseSource:
         for j in np.argsort(indices, kind="stable"):
             v, r = self._addr[indices[j]]
             ds.read_direct(out, np.s_[v, r] if self.split == "train" else np.s_[r], np.s_[j])
-        return torch.from_numpy(out.astype(np.float32, copy=False))
+        return torch.from_numpy(out).float()  # torch converts float16 several times faster than numpy
 
     @property
     def nbytes(self) -> int:

@@ -18,9 +18,9 @@ def cli():
 
 
 def _register():
-    from . import cache_cmds, method_cmds, pipeline_cmds
+    from . import bench_cmds, cache_cmds, method_cmds, pipeline_cmds
 
-    for mod in (cache_cmds, method_cmds, pipeline_cmds):
+    for mod in (cache_cmds, method_cmds, pipeline_cmds, bench_cmds):
         for cmd in mod.COMMANDS:
             cli.add_command(cmd)
 

@@ -110,7 +110,7 @@ def test_bench_grid(tmp_path):
 def test_bench_io(tmp_path):
     res = B.bench_io(images=10, dense_shape=(16, 3, 3), batch=4, repeats=1, threads=1, workdir=tmp_path)
     check_common(res, "io", {f"{s}_{k}" for s in ("cold", "warm") for k in
-                             ("seq_cache_over_numpy", "seq_cache_over_numpy_raw", "random_cache_over_numpy")})
+                             ("seq_cache_over_numpy", "seq_h5_raw_over_numpy_raw", "random_cache_over_numpy")})
     assert res["data"]["bytes"] == 10 * 16 * 9 * 2
     res = B.bench_io(images=5, dense_shape=(8, 2, 2), batch=2, repeats=1, cold=False, threads=1, workdir=tmp_path)
     assert set(res["gb_per_s"]) == {"warm"} and "warm page cache only" in " ".join(res["notes"])

@@ -123,7 +123,7 @@ def test_disk_full_one_line_error_cache_intact_then_rerun(base, tmp_path, comman
     """8 KiB left on the filesystem of an existing cache: a one-line 'no space left ... fix:' error, the
     cache still verifies and is unchanged, no partial result is listed; after making room the same
     command gives the uninterrupted result (for sweep: a torn last row is cut and re-run)."""
-    what, ok, detail = R.disk_full_writer(base, tmp_path, command, 8 << 10, child=False)
+    what, ok, detail = R.disk_full_writer(base, tmp_path, command, 8 << 10)
     assert ok, (what, detail)
 
 
@@ -141,7 +141,7 @@ def test_disk_full_extract(base, tmp_path, can_mount):
 def test_disk_full_fit_safe(base, tmp_path, can_mount):
     if not can_mount:
         pytest.skip("needs a tmpfs mount (root): injected errors are OSErrors")
-    what, ok, detail = R.disk_full_writer(base, tmp_path, "fit-safe", 8 << 10, child=False)
+    what, ok, detail = R.disk_full_writer(base, tmp_path, "fit-safe", 8 << 10, rerun=False)
     assert ok, (what, detail)
 
 
@@ -150,7 +150,7 @@ def test_disk_full_fit_safe(base, tmp_path, can_mount):
 def test_disk_full_zero_bytes(base, tmp_path, can_mount):
     if not can_mount:
         pytest.skip("needs a tmpfs mount (root)")
-    what, ok, detail = R.disk_full_writer(base, tmp_path, "refine", 0, child=False)
+    what, ok, detail = R.disk_full_writer(base, tmp_path, "refine", 0, child=False, rerun=False)
     assert ok, (what, detail)
 
 
