@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +97,9 @@ class ModelBundle:
 def _read_checkpoint(path: Path) -> dict:
     """State dict from an OpenAI TorchScript archive or a torch.save'd (wrapped) state dict."""
     try:
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # jit.load's deprecation notice
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         for k in _JIT_EXTRA_KEYS:
             sd.pop(k, None)
         return dict(sd)
@@ -162,11 +165,21 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, init_seed
         logging.getLogger().disabled = prev
 
     if sd is not None:
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise CachekitError(f"checkpoint {pretrained} does not fit model {name}: {first}; "
+        # Archives (e.g. traced/scripted ones) may also carry the model's non-persistent buffers.
+        own = set(model.state_dict())
+        sd = {k: v for k, v in sd.items() if k in own or k not in dict(model.named_buffers())}
+        missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
+        problem = None
+        if missing or unexpected:
+            problem = (f"{len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} unexpected key(s) "
+                       f"{unexpected[:3]}")
+        else:
+            try:
+                model.load_state_dict(sd, strict=True)
+            except RuntimeError as exc:
+                problem = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        if problem:
+            raise CachekitError(f"checkpoint {pretrained} does not fit model {name}: {problem}; "
                                 "fix: pass --model matching the checkpoint's architecture") from None
     model.eval().to(device)
     for p in model.parameters():

@@ -247,3 +247,26 @@ def test_manual_shards_last_one_assembles(tmp_path, tree):
     r1 = extract(extract_opts(tree, out, num_shards=2, shard_index=1))
     assert r1["status"] == "complete"
     _assert_same_arrays(ref, out)
+
+
+def test_dataloader_workers_give_the_same_arrays(tmp_path, tree, tiny_cache):
+    out = tmp_path / "w.h5"
+    extract(extract_opts(tree, out, workers=2))
+    _assert_same_arrays(tiny_cache, out)
+
+
+def test_eval_marks_val_equal_test(tmp_path):
+    from click.testing import CliRunner
+
+    from cachekit.cli.main import cli
+
+    root = tmp_path / "d"
+    make_tree(root / "train", classes=2, per_class=5)
+    make_tree(root / "val", classes=2, per_class=3, seed=1)
+    out = tmp_path / "c.h5"
+    extract(extract_opts(root, out, shots=(1,), seeds=(1,), views=1))
+    res = CliRunner().invoke(cli, ["eval", str(out), "--method", "zeroshot,tip", "--set", "tip.n=[5,5]", "--json"])
+    recs = [json.loads(x) for x in res.stdout.splitlines()]
+    assert recs and all(r["selection"] == "val (val and test are the same data)" for r in recs)
+    res = CliRunner().invoke(cli, ["eval", str(out), "--method", "zeroshot"])
+    assert "same data" in res.stderr and "same data" in res.stdout
