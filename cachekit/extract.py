@@ -65,6 +65,7 @@ class ExtractOptions:
     progress: bool = False
     num_shards: int = 1
     shard_index: int = 0
+    amp_dtype: str = "float16"  # autocast dtype on CUDA (float16 or bfloat16); CPU runs in float32
     # Test hook: stop (as if killed) after this many units were published in this run.
     _stop_after_units: int | None = field(default=None, repr=False)
 
@@ -84,6 +85,8 @@ class ExtractOptions:
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise CachekitError(f"--shard-index {self.shard_index} is outside 0..{self.num_shards - 1}; "
                                 "fix: give 0 <= --shard-index < --num-shards")
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            raise CachekitError(f"--amp-dtype {self.amp_dtype} is not supported; fix: float16 or bfloat16")
         if self.overwrite and self.num_shards > 1:
             raise CachekitError("--overwrite cannot be combined with --num-shards (one shard would wipe the "
                                 "others' work); fix: delete the old cache first, then start the shards")
@@ -169,6 +172,8 @@ def _identity(opts, spec, bundle, templates) -> dict:
         "split": {"val_fraction": opts.val_fraction, "test_fraction": opts.test_fraction,
                   "split_seed": opts.split_seed},
         "preprocess": bundle.preprocess_cfg,
+        # Mixing batches computed under different arithmetic would make a cache no single run makes.
+        "precision": f"amp-{opts.amp_dtype}" if opts.device.startswith("cuda") else "float32",
     }
 
 
@@ -404,7 +409,7 @@ def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_i
                 path = spec.root / entries[_idx[j]][0]
                 if not opts.skip_bad or split == "train":
                     raise BadImageError(path, reasons[j])
-            with torch.inference_mode(), torch.autocast("cuda", enabled=cuda):
+            with torch.inference_mode(), torch.autocast("cuda", dtype=getattr(torch, opts.amp_dtype), enabled=cuda):
                 x = x.to(opts.device, non_blocking=True)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)

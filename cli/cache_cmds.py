@@ -24,6 +24,8 @@ from .common import CONTEXT, emit_json, friendly, int_list, note, table
 @click.option("--batch-size", default=64, type=click.IntRange(min=1))
 @click.option("--workers", default=0, type=click.IntRange(min=0), help="DataLoader worker processes.")
 @click.option("--dense-dtype", default="float16", type=click.Choice(["float16", "float32"]))
+@click.option("--amp-dtype", default="float16", type=click.Choice(["float16", "bfloat16"]),
+              help="Autocast dtype on CUDA (CPU always runs float32).")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in the cache and continue.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache or unfinished run and start afresh.")
 @click.option("--init-seed", default=0, type=int, help="Seed of the random init when no --pretrained.")
