@@ -199,3 +199,14 @@ def test_preset_then_user_override():
     assert o["tip"] == {"s": [7, 7], "n": [200, 20]}
     assert o["apet"]["top_k"] == 500 and o["apet"]["weights"] == [0.2, 0.8]
     assert "gda" not in overrides_for(["gda"], "dtd", {})
+
+
+def test_eval_doc_lists_every_parameter():
+    from pathlib import Path
+
+    from cachekit.runner import DEFAULTS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "eval.md").read_text()
+    for m, params in DEFAULTS.items():
+        for k, v in params.items():
+            assert f"| `{m}` | `{k}` | `{json.dumps(v)}` |" in doc, (m, k)
