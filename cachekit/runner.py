@@ -72,8 +72,43 @@ def method_params(method: str, overrides: dict | None = None) -> dict:
         if k not in params:
             valid = ", ".join(params) or "none"
             raise CachekitError(f"method {method} has no parameter {k!r}; fix: valid parameters are {valid}")
+        _check_type(method, k, v, params[k])
         params[k] = v
+    if method == "safe-a":
+        if params["adapter"] not in ("tipf", "apet"):
+            raise CachekitError(f"safe-a adapter {params['adapter']!r} is unknown; fix: tipf or apet")
+        method_params("safe", params["safe"])
+        method_params(params["adapter"], params["adapter_config"])
     return params
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_type(method: str, name: str, value, default):
+    """A value must have its default's shape: number, integer, string, bool, list of numbers of the
+    same length, or a mapping; ranges are checked later by the method itself."""
+    if default is None or name in ("train_groups",):
+        ok = value is None or isinstance(value, (int, list, tuple, str))
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = _is_num(value)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(_is_num(x) for x in value)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+    else:
+        ok = True
+    if not ok:
+        want = (f"a list of {len(default)} numbers" if isinstance(default, (list, tuple))
+                else type(default).__name__)
+        raise CachekitError(f"{method}.{name}={value!r} is not {want}; fix: e.g. {method}.{name}={default!r}")
 
 
 def refine_channels(W, F, key_labels, top_k: int, weights=(0.5, 0.5), text_only: bool = False):
@@ -169,8 +204,6 @@ class Runner:
         from .safe_run import blended_features, fit_safe, pooled_train_views
 
         adapter = params["adapter"]
-        if adapter not in ("tipf", "apet"):
-            raise CachekitError(f"safe-a adapter {adapter!r} is unknown; fix: tipf or apet")
         sp = method_params("safe", params["safe"])
         cfg = SafeConfig.from_dict({k2: v for k2, v in sp.items() if k2 != "blend"})
         res = fit_safe(self.cache, k, seed, cfg, blend="feature")

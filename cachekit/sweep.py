@@ -57,7 +57,8 @@ def validate_grid(grid, where: str = "grid") -> dict:
             if not isinstance(values, list) or not values:
                 raise CachekitError(f"{where}: {m}.{name} must be a non-empty list of candidate values; "
                                     f"fix: e.g. {name}: [{json.dumps(values)}]")
-            method_params(m, {name: values[0]})  # unknown parameter names fail here
+            for v in values:  # unknown names and wrongly-typed values fail here, before any run
+                method_params(m, {name: v})
         methods[m] = params
     for key in ("shots", "seeds"):
         v = grid.get(key)

@@ -34,7 +34,7 @@ def can_mount(tmp_path_factory):
 @pytest.fixture(scope="module")
 def kills(base, tmp_path_factory):
     plan = [p for p in R.scenario_plan(seed=0) if p[2] != "publish-gap"]
-    trials = R.run_trials(base, plan, tmp_path_factory.mktemp("kills"), parallel=2)
+    trials = R.run_trials(base, plan, tmp_path_factory.mktemp("kills"), parallel=4)
     return {(t.command, t.signal): t for t in trials}
 
 
@@ -107,7 +107,7 @@ def test_kill_between_rename_and_cleanup_leaves_no_parts(base, tmp_path, monkeyp
 def test_many_random_kill_points(base, tmp_path, command):
     """Seeded random kill points (phase, then a point in it) for extract and sweep: all must survive."""
     plan = R.random_plan([command], list(R.SIGNALS), kills=6, seed=1234)
-    trials = R.run_trials(base, plan, tmp_path, parallel=2)
+    trials = R.run_trials(base, plan, tmp_path, parallel=4)
     survived = sum(t.survived for t in trials)
     print(f"{command}: {survived}/{len(trials)} random kill points survived")
     for t in trials:
