@@ -20,7 +20,14 @@ SCHEMA_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def _open_h5(path: Path) -> h5py.File:
+REQUIRED_PATHS = (["classnames", "fewshot", "bad_images", "text/templates", "text/embeddings",
+                   "text/classifier", "model/logit_scale", "model/attnpool"]
+                  + [f"splits/{s}/{d}" for s in SPLIT_NAMES for d in ("paths", "labels", "dense", "pooled")])
+REQUIRED_ATTRS = ("identity", "views", "shots", "seeds", "embed_dim", "dense_shape", "dense_dtype", "created",
+                  "weights", "random_weights", "val_is_test", "model", "checkpoint")
+
+
+def _open_h5(path: Path, check: bool = True) -> h5py.File:
     """Open read-only with a clear one-line error for every way a path can fail to be a cache."""
     if not path.exists():
         raise CachekitError(f"cache {path} does not exist; fix: build it with `cachekit extract`")
@@ -43,6 +50,13 @@ def _open_h5(path: Path) -> h5py.File:
         f.close()
         raise CachekitError(f"{path} has cache schema version {v}, this cachekit reads {SCHEMA_VERSION}; "
                             "fix: rebuild the cache with this cachekit version")
+    if check:
+        missing = [p for p in REQUIRED_PATHS if p not in f] + [f"@{a}" for a in REQUIRED_ATTRS if a not in f.attrs]
+        if missing:
+            f.close()
+            raise CachekitError(f"cache {path} is damaged: missing {', '.join(missing[:3])}"
+                                f"{' ...' if len(missing) > 3 else ''}; fix: rebuild it with "
+                                "`cachekit extract --overwrite` (`cachekit verify` lists every problem)")
     return f
 
 
@@ -58,9 +72,9 @@ def _strings(ds) -> list[str]:
 class Cache:
     """A read-only view of one cache file. Small arrays are read on demand; dense maps lazily."""
 
-    def __init__(self, path):
+    def __init__(self, path, check: bool = True):
         self.path = Path(path)
-        self.file = _open_h5(self.path)
+        self.file = _open_h5(self.path, check)
 
     # context manager / lifetime
     def close(self):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 import posixpath
 import random
 import re
@@ -51,6 +52,9 @@ MAX_PIXELS = 400_000_000
 
 if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# load_image refuses every image over MAX_PIXELS itself, with a one-line error; Pillow's warning
+# (two lines on stderr) would only duplicate it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _SHOW = 5  # how many offending paths an error message names
 
@@ -821,6 +825,14 @@ def _load_manifest(path: Path, image_root, classnames_file, val_fraction, test_f
             if not label:
                 raise _error(f"empty label in {path} line {line}", "give every row a class name or integer label")
         class_keys = sorted({r[2] for r in rows})
+        if names_from_file is not None:
+            # Labels are names: the file gives the label order; it never renames by position.
+            unknown = [k for k in class_keys if k not in names_from_file]
+            if unknown:
+                raise _error(f"class {unknown[0]!r} of {path} is not in the classnames file {classnames_file}",
+                             "list every class name of the manifest in the classnames file")
+            class_keys = list(names_from_file)
+            classnames_file = None
         classnames = list(class_keys)
         label_of = {name: i for i, name in enumerate(class_keys)}
 

@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import time
+import traceback
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -288,6 +289,8 @@ class _Job:
             if old != ident:
                 raise CachekitError(f"{out} exists and was built with a different {_mismatch(old, ident)}; "
                                     "fix: choose another --out, or pass --overwrite to rebuild it")
+            # A kill between the final rename and the clean-up leaves the (now useless) segments.
+            shutil.rmtree(parts, ignore_errors=True)
             return {"cache": str(out), "status": "already complete", "weights": bundle.weights_label}
 
         spec = self.spec
@@ -444,7 +447,8 @@ def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, unit
     V = opts.views
     str_dt = h5py.string_dtype()
     bad_rows: dict[str, list[tuple[str, str]]] = {}
-    with os_errors(str(out)), h5py.File(tmp, "w") as f:
+
+    def write(f):
         ap_params, heads = attnpool_params(bundle.visual)
         with h5py.File(parts / "text.h5", "r") as tf:
             emb = tf["embeddings"][()]
@@ -561,6 +565,20 @@ def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, unit
         a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         a["embed_dim"] = int(D)
         a["dense_shape"] = json.dumps(list(dshape))
+        return all_bad, D
+
+    try:
+        with os_errors(str(out)), h5py.File(tmp, "w") as f:
+            try:
+                all_bad, D = write(f)
+            except BaseException as exc:
+                # Drop the dataset handles held by write()'s frame before the file closes: a handle
+                # outliving a failed close (e.g. disk full) crashes h5py later.
+                traceback.clear_frames(exc.__traceback__)
+                raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     with os_errors(str(out)):
         publish(tmp, out)
     return {

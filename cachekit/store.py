@@ -54,7 +54,16 @@ def os_errors(what: str):
     """Turn disk-full / permission / read-only errors into one-line CachekitErrors."""
     try:
         yield
+    except RuntimeError as exc:
+        # h5py reports a failed flush on close as RuntimeError("... errno = 28 ...")
+        if "errno = 28" in str(exc) or "No space left" in str(exc):
+            raise CachekitError(f"no space left while writing {what}; fix: free disk space or choose "
+                                "another --out, then rerun the same command to resume") from None
+        raise
     except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            raise CachekitError(f"cannot write {what}: a path component is a file, not a folder "
+                                f"({exc.filename or what}); fix: choose another --out location") from None
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CachekitError(f"no space left while writing {what}; fix: free disk space or choose "
                                 "another --out, then rerun the same command to resume") from None
@@ -86,15 +95,24 @@ class WriterLock:
             os.close(fd)
             raise CacheInUseError(f"cache {str(self.path)[:-5]} is in use by PID {holder}; fix: wait for "
                                   "that command to finish (or stop it) and rerun") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            with os_errors(str(self.path)):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
         self.fd = fd
         return self
 
     def __exit__(self, *exc):
         # The lock file stays: unlinking it would let two writers lock two different inodes.
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass  # the PID is only a hint; unlocking matters
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

@@ -22,8 +22,8 @@ def load_grid(path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise CachekitError(f"grid file {p} does not exist; fix: give a JSON or YAML grid file")
-    text = p.read_text(encoding="utf-8")
     try:
+        text = p.read_text(encoding="utf-8")
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
@@ -44,6 +44,8 @@ def validate_grid(grid, where: str = "grid") -> dict:
         raise CachekitError(f"{where} has unknown key {unknown[0]!r}; fix: use only {', '.join(GRID_KEYS)}")
     methods = grid.get("methods")
     if isinstance(methods, list):
+        if not all(isinstance(m, str) for m in methods):
+            raise CachekitError(f"{where}: 'methods' must list method names; fix: e.g. methods: [tip, ape]")
         methods = {m: {} for m in methods}
     if not isinstance(methods, dict) or not methods:
         raise CachekitError(f"{where}: 'methods' must list at least one method; fix: e.g. methods: {{ape: {{top_k: [300, 500]}}}}")

@@ -86,7 +86,12 @@ def eval_(cache, methods, shots, seeds, preset, sets, out, as_json):
     from cachekit.presets_apply import overrides_for
     from cachekit.runner import evaluate, summarize
 
+    from cachekit.errors import CachekitError
+    from cachekit.store import os_errors
+
     methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if not methods:
+        raise CachekitError("--method names no method; fix: e.g. --method zeroshot,tip,ape")
     overrides = overrides_for(methods, preset, parse_sets(sets))
     with open_cache(cache) as c:
         records = evaluate(c, methods, shots, seeds, overrides, progress=not as_json)
@@ -98,8 +103,9 @@ def eval_(cache, methods, shots, seeds, preset, sets, out, as_json):
                 note(f"NOTE: the cache's text classifier was built with other templates than preset {preset}'s; "
                      f"templates are fixed at extract time (cachekit extract --templates {preset}).")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", encoding="utf-8") as fh:
+        with os_errors(out):
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with os_errors(out), open(out, "a", encoding="utf-8") as fh:
             for r in records:
                 fh.write(json.dumps(r) + "\n")
     if as_json:
