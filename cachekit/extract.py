@@ -32,7 +32,7 @@ from .cache import FORMAT, SCHEMA_VERSION, read_identity
 from .data import check_image, load_dataset, load_image, sample_fewshot
 from .errors import BadImageError, CacheInUseError, CachekitError
 from .models import attnpool_params, dense_and_pooled, encode_templates, load_model, text_classifier
-from .store import ArrayHasher, WriterLock, array_sha256, os_errors, publish, tmp_path, write_json_atomic
+from .store import ArrayHasher, WriterLock, array_sha256, check_space, os_errors, publish, tmp_path, write_json_atomic
 from .templates import resolve_templates
 
 DENSE_DTYPES = ("float16", "float32")
@@ -330,6 +330,7 @@ class _Job:
         text_path = parts / "text.h5"
         if not text_path.exists():
             emb, truncated = encode_templates(bundle, spec.classnames, self.templates, device=opts.device)
+            check_space(parts, emb.numel() * 4 + (64 << 10), str(text_path))
             tmp = tmp_path(text_path).with_name(f"{text_path.name}.{os.getpid()}.tmp")
             with os_errors(str(text_path)), h5py.File(tmp, "w") as f:
                 f["embeddings"] = emb.numpy()
@@ -388,6 +389,7 @@ def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_i
             try:
                 final = parts / name
                 tmp = tmp_path(final)
+                check_space(parts, dense.nbytes + pooled.nbytes + (64 << 10), str(final))
                 with os_errors(str(final)), h5py.File(tmp, "w") as f:
                     f.create_dataset("dense", data=dense)
                     f.create_dataset("pooled", data=pooled)
@@ -444,6 +446,8 @@ def _create(g, name, data=None, shape=None, dtype=None, chunks=None):
 def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, units, row_items,
               sets, train_rows, bad_train) -> dict:
     tmp = tmp_path(out)
+    # The assembled file is about the segments' size; check before writing a byte of it.
+    check_space(out.parent, sum(p.stat().st_size for p in parts.glob("*.h5")) + (1 << 20), str(out))
     V = opts.views
     str_dt = h5py.string_dtype()
     bad_rows: dict[str, list[tuple[str, str]]] = {}

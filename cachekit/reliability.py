@@ -1070,11 +1070,12 @@ def _verify_ok(cache: Path) -> bool:
     return r.code == 0
 
 
-def disk_full_extract(base: Base, work: Path) -> tuple[str, bool, str]:
-    """extract (a small tree, SMALL_EXTRACT) onto a 1 MiB tmpfs: it runs out of space while assembling
-    (the attention-pooling weights alone are larger); then room is made and the same command is rerun:
-    it must resume to the same cache as an uninterrupted run."""
-    work = Path(work)
+def disk_full_extract(base: Base, work: Path, size: str = "1m") -> tuple[str, bool, str]:
+    """extract (a small tree, SMALL_EXTRACT) onto a small tmpfs: with 1m it runs out of space while
+    assembling (the attention-pooling weights alone are larger), with 100k while writing the batches;
+    then room is made and the same command is rerun: it must resume to the same cache as an
+    uninterrupted run."""
+    work = Path(work) / size
     tree = _split_tree(work / "small-tree")
     args = ["extract", tree, *SMALL_EXTRACT]
     ref = work / "reference.h5"
@@ -1082,7 +1083,7 @@ def disk_full_extract(base: Base, work: Path) -> tuple[str, bool, str]:
     if r0.code != 0:
         return ("extract --out on a full disk", False, f"uninterrupted run failed: {r0.first_line}")
     mnt = work / "tmpfs-extract"
-    with tmpfs(mnt, "1m") as mounted:
+    with tmpfs(mnt, size) as mounted:
         if not mounted:
             out = work / "enospc" / "c.h5"
             with inject_oserror(errno.ENOSPC, str(out.parent)):
@@ -1103,7 +1104,7 @@ def disk_full_extract(base: Base, work: Path) -> tuple[str, bool, str]:
             prob += [f"after resuming: {x}" for x in h5_diff(ref, out)]
             if not _verify_ok(out):
                 prob.append("verify fails after resuming")
-        return ("extract --out on a full disk (1 MiB tmpfs), then room made and the same command rerun",
+        return (f"extract --out on a full disk ({size} tmpfs), then room made and the same command rerun",
                 not prob, r.first_line if not prob else "; ".join(prob))
 
 
@@ -1158,7 +1159,7 @@ def disk_full_writer(base: Base, work: Path, name: str, free: int, child: bool =
 
 def check_disk_full(base: Base, work: Path, free_bytes=(8 << 10, 0)) -> list[tuple[str, bool, str]]:
     """ENOSPC for every writing command. Rows: (what, ok, detail)."""
-    rows = [disk_full_extract(base, work)]
+    rows = [disk_full_extract(base, work, "1m"), disk_full_extract(base, work, "100k")]
     for name in ("refine", "fit-safe", "sweep"):
         for free in free_bytes:
             row = disk_full_writer(base, work, name, free)

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CachekitError
-from .store import WriterLock, os_errors, publish, tmp_path
+from .store import WriterLock, check_space, os_errors, publish, tmp_path
 
 
 def canonical(params: dict) -> str:
@@ -74,6 +74,7 @@ class ResultStore:
         with os_errors(str(final.parent)):
             final.parent.mkdir(parents=True, exist_ok=True)
         with WriterLock(final.parent if path is None else final):
+            check_space(final.parent, sum(np.asarray(a).nbytes for a in arrays.values()) + (256 << 10), str(final))
             tmp = tmp_path(final)
             with os_errors(str(final)):
                 with h5py.File(tmp, "w") as f:

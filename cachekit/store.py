@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,15 @@ def os_errors(what: str):
             raise CachekitError(f"cannot write {what}: {exc.strerror}; fix: choose a writable --out "
                                 "location") from None
         raise
+
+
+def check_space(directory: Path, nbytes: int, what: str):
+    """Refuse up front a write that cannot fit: HDF5 failing part-way through a file is messy."""
+    free = shutil.disk_usage(directory).free
+    if free < nbytes:
+        raise CachekitError(f"no space left for {what}: it needs about {nbytes / 2**20:.1f} MiB, "
+                            f"{free / 2**20:.1f} MiB are free; fix: free disk space or choose another "
+                            "location, then rerun the same command to resume")
 
 
 class WriterLock:

@@ -1,6 +1,8 @@
 """The `cachekit` command: a thin click layer over the cachekit library."""
 from __future__ import annotations
 
+import sys
+
 import click
 
 from cachekit import __version__
@@ -28,7 +30,16 @@ def _register():
 _register()
 
 
+def _quiet_h5py_dealloc(unraisable, _default=sys.unraisablehook):
+    # After a failed HDF5 write (disk full) h5py's handle finalisers print 'Exception ignored'
+    # tracebacks; the command has already said what went wrong in one line.
+    if isinstance(unraisable.exc_value, OSError) and "ObjectID" in repr(getattr(unraisable, "object", "")):
+        return
+    _default(unraisable)
+
+
 def main():
+    sys.unraisablehook = _quiet_h5py_dealloc
     cli(prog_name="cachekit")
 
 
