@@ -229,7 +229,7 @@ def _make_images(root: Path, layout: dict[str, int], classes: int, size=(96, 72)
 
 def _write_dense_cache(path: Path, dense_batches, n: int, shape: tuple, dtype: str = "float16",
                        labels=None, split: str = "val") -> Path:
-    """A minimal file that `open_cache` accepts, holding one split's dense maps with exactly the writer's
+    """A minimal file that `Cache(..., check=False)` reads, holding one split's dense maps with exactly the writer's
     dataset layout (cachekit.extract._assemble: chunk = one map, no compression, no filters)."""
     import h5py
 
@@ -613,7 +613,7 @@ def bench_io(images: int = 512, dense_shape=(2048, 7, 7), dtype: str = "float16"
     """Read throughput of dense maps from a cache (`Cache.dense` sequential batches, `DenseSource.get`
     random batches) vs numpy reads of the same bytes from a .npy, warm and (with `cold`) after dropping
     the files from the page cache."""
-    from .cache import open_cache
+    from .cache import Cache
 
     dense_shape = tuple(int(x) for x in dense_shape)
     if dtype not in ("float16", "float32"):
@@ -639,12 +639,12 @@ def bench_io(images: int = 512, dense_shape=(2048, 7, 7), dtype: str = "float16"
                      "uncompressed)"
         else:
             h5 = Path(cache)
-            with open_cache(h5) as c:
+            with Cache(h5, check=False) as c:
                 n = min(images, c.num_images(split))
                 dense_shape = tuple(c.dense_shape)
                 dtype = str(c.meta.get("dense_dtype", "float16"))
             source = f"existing cache {h5} (split {split}, view 0, first {n} rows)"
-        with open_cache(h5) as c:
+        with Cache(h5, check=False) as c:
             ds = c.file["splits"][split]["dense"]
             arr = np.asarray(ds[0, :n] if split == "train" else ds[:n])
         np.save(npy, arr)
@@ -655,12 +655,12 @@ def bench_io(images: int = 512, dense_shape=(2048, 7, 7), dtype: str = "float16"
         rand_batches = [np.sort(perm[s:s + batch]) for s in range(0, n, batch)]
 
         def cache_seq():
-            with open_cache(h5) as c:
+            with Cache(h5, check=False) as c:
                 for s in range(0, n, batch):
                     c.dense(split, np.arange(s, min(n, s + batch)))
 
         def cache_rand():
-            with open_cache(h5) as c:
+            with Cache(h5, check=False) as c:
                 src = c.dense_source(split, rows=np.arange(n))
                 for b in rand_batches:
                     src.get(b)
@@ -732,7 +732,7 @@ def bench_io(images: int = 512, dense_shape=(2048, 7, 7), dtype: str = "float16"
         "npy_seq_raw": "numpy: `np.load` of the whole array into a new array, no conversion (page faults of the "
                        "fresh allocation included)",
         "cache_rand": f"`DenseSource.get`, random batches of {batch}",
-        "npy_rand": f"numpy: `np.load(mmap)[sorted idx]` + float32, same batches",
+        "npy_rand": "numpy: `np.load(mmap)[sorted idx]` + float32, same batches",
     }
     base = {"cache_seq": "npy_seq", "npy_seq": "npy_seq", "h5_raw_seq": "npy_seq_raw_batches",
             "npy_seq_raw_batches": "npy_seq_raw_batches", "npy_seq_raw": "npy_seq_raw_batches",
@@ -806,6 +806,7 @@ def usual_safe_epochs(visual, ds, labels, W, params, heads, config, workers: int
     import torch.nn.functional as Fn
 
     from .attnpool import AttnPool
+    from .methods import safe
     from .methods.safe import lr_schedule
 
     dev = torch.device(config.device)
@@ -821,7 +822,7 @@ def usual_safe_epochs(visual, ds, labels, W, params, heads, config, workers: int
     opt = torch.optim.AdamW(trainable, lr=float(lrs[0]), eps=config.eps, weight_decay=config.weight_decay)
     Wd = W.to(dev, torch.float32)
     y_all = labels.to(dev)
-    scale, temp = float(config.logit_scale), float(config.temperature)
+    scale = float(config.logit_scale)
     it, out = 0, []
     for perm in _epoch_perms(n, config.epochs, config.seed):
         _sync(config.device)
@@ -837,20 +838,11 @@ def usual_safe_epochs(visual, ds, labels, W, params, heads, config, workers: int
             y = y_all[torch.as_tensor(idx, device=dev)]
             for g in opt.param_groups:
                 g["lr"] = float(lrs[it])
-            f_ft = Fn.normalize(model(dense), dim=-1)
-            logits_ft = scale * f_ft @ Wd.t()
-            ce = Fn.cross_entropy(logits_ft / temp, y)
-            if config.consistency == "none":
-                cons = torch.zeros((), device=dev)
-            else:
+            lo = None
+            if config.consistency != "none":
                 with torch.no_grad():
                     lo = scale * Fn.normalize(frozen(dense), dim=-1).float() @ Wd.t()
-                if config.consistency == "l1":
-                    cons = (logits_ft - lo).abs().mean()
-                else:
-                    cons = Fn.kl_div(Fn.log_softmax(logits_ft / temp, dim=-1), Fn.log_softmax(lo / temp, dim=-1),
-                                     reduction="batchmean", log_target=True)
-            loss = ce + config.consistency_weight * cons
+            _, loss, _, _ = safe.loss_terms(model(dense), lo, y, Wd, config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -868,7 +860,7 @@ def bench_safe(images: int = 32, epochs: int = 1, model: str = "RN50", views: in
     decode + augment JPEGs, frozen trunk forward, the same attnpool training step. Same samples, batches,
     batch size and machine, one run."""
     from .augment import AugmentedView
-    from .cache import open_cache
+    from .cache import Cache
     from .methods import safe
     from .models import attnpool_params, load_model
 
@@ -931,7 +923,7 @@ def bench_safe(images: int = 32, epochs: int = 1, model: str = "RN50", views: in
         for _ in range(repeats):  # interleaved, so a change in machine load hits all three alike
             runs["usual"].append(usual_safe_epochs(visual, ds, labels, W, params0, heads, config, workers=workers))
             runs["mem"].append(fit_on(safe.TensorSource(dense)))
-            with open_cache(h5) as c:
+            with Cache(h5, check=False) as c:
                 runs["h5"].append(fit_on(c.dense_source("val")))
 
     def med(key, runs_):

@@ -26,7 +26,6 @@ Only this script needs Pillow; nothing in the cachekit package imports it.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys

@@ -229,6 +229,26 @@ def _labels(labels, num_classes: int, what: str) -> torch.Tensor:
     return y
 
 
+def loss_terms(pooled_ft: torch.Tensor, logits_frozen: torch.Tensor | None, y: torch.Tensor, W: torch.Tensor,
+               config: SafeConfig):
+    """SAFE's loss on one batch: CE(scale·cos(f_ft, W)/T) + weight·consistency(ft logits, frozen logits).
+
+    Returns (logits_ft, loss, ce, consistency); consistency is "l1" (mean |diff|), "kl"
+    (KL(softmax(frozen/T) || softmax(ft/T)), batch mean) or "none".
+    """
+    scale, temp = float(config.logit_scale), float(config.temperature)
+    logits_ft = scale * F.normalize(pooled_ft, dim=-1) @ W.t()
+    ce = F.cross_entropy(logits_ft / temp, y)
+    if config.consistency == "none":
+        cons = torch.zeros((), device=ce.device, dtype=ce.dtype)
+    elif config.consistency == "l1":
+        cons = (logits_ft - logits_frozen).abs().mean()
+    else:
+        cons = F.kl_div(F.log_softmax(logits_ft / temp, dim=-1), F.log_softmax(logits_frozen / temp, dim=-1),
+                        reduction="batchmean", log_target=True)
+    return logits_ft, ce + config.consistency_weight * cons, ce, cons
+
+
 def fit(source, labels, W: torch.Tensor, params, num_heads: int, config: SafeConfig | None = None,
         val: tuple | None = None, callback: Callable[[dict], None] | None = None) -> SafeFit:
     """Fine-tune a copy of the attention-pooling layer on dense maps of train views.
@@ -255,7 +275,7 @@ def fit(source, labels, W: torch.Tensor, params, num_heads: int, config: SafeCon
     bs = config.batch_size
     iters_per_epoch = math.ceil(n / bs)
     lrs = lr_schedule(config, iters_per_epoch)
-    scale, temp = float(config.logit_scale), float(config.temperature)
+    scale = float(config.logit_scale)
 
     # Frozen CLIP logits of every train view, once (the layer and the maps are both fixed).
     logits_orig_all = None
@@ -286,19 +306,8 @@ def fit(source, labels, W: torch.Tensor, params, num_heads: int, config: SafeCon
             lr = float(lrs[it])
             for g in opt.param_groups:
                 g["lr"] = lr
-            f_ft = F.normalize(model(x), dim=-1)
-            logits_ft = scale * f_ft @ Wd.t()
-            ce = F.cross_entropy(logits_ft / temp, y)
-            if config.consistency == "none":
-                cons = torch.zeros((), device=dev, dtype=ce.dtype)
-            else:
-                lo = logits_orig_all[torch.as_tensor(idx, device=dev)]
-                if config.consistency == "l1":
-                    cons = (logits_ft - lo).abs().mean()
-                else:  # "kl": KL(softmax(frozen/T) || softmax(ft/T)), mean over the batch
-                    cons = F.kl_div(F.log_softmax(logits_ft / temp, dim=-1), F.log_softmax(lo / temp, dim=-1),
-                                    reduction="batchmean", log_target=True)
-            loss = ce + config.consistency_weight * cons
+            lo = None if logits_orig_all is None else logits_orig_all[torch.as_tensor(idx, device=dev)]
+            logits_ft, loss, ce, cons = loss_terms(model(x), lo, y, Wd, config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
