@@ -825,12 +825,9 @@ def _load_manifest(path: Path, image_root, classnames_file, val_fraction, test_f
             if not label:
                 raise _error(f"empty label in {path} line {line}", "give every row a class name or integer label")
         class_keys = sorted({r[2] for r in rows})
-        if names_from_file is not None:
-            # Labels are names: the file gives the label order; it never renames by position.
-            unknown = [k for k in class_keys if k not in names_from_file]
-            if unknown:
-                raise _error(f"class {unknown[0]!r} of {path} is not in the classnames file {classnames_file}",
-                             "list every class name of the manifest in the classnames file")
+        if names_from_file is not None and set(class_keys) <= set(names_from_file):
+            # The file lists the manifest's own class names: it sets the label order and never
+            # renames a class by position. (A file of other names renames the sorted classes.)
             class_keys = list(names_from_file)
             classnames_file = None
         classnames = list(class_keys)
