@@ -447,7 +447,8 @@ def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, unit
               sets, train_rows, bad_train) -> dict:
     tmp = tmp_path(out)
     # The assembled file is about the segments' size; check before writing a byte of it.
-    check_space(out.parent, sum(p.stat().st_size for p in parts.glob("*.h5")) + (1 << 20), str(out))
+    ap_bytes = sum(p.numel() * 4 for p in bundle.visual.attnpool.parameters())
+    check_space(out.parent, sum(p.stat().st_size for p in parts.glob("*.h5")) + ap_bytes + (1 << 20), str(out))
     V = opts.views
     str_dt = h5py.string_dtype()
     bad_rows: dict[str, list[tuple[str, str]]] = {}

@@ -73,7 +73,8 @@ class ResultStore:
         final = Path(path) if path is not None else self.path(kind, params)
         with os_errors(str(final.parent)):
             final.parent.mkdir(parents=True, exist_ok=True)
-        with WriterLock(final.parent if path is None else final):
+        # Each result is its own file: the lock only serialises the short write, so wait for it.
+        with WriterLock(final.parent if path is None else final, wait=120):
             check_space(final.parent, sum(np.asarray(a).nbytes for a in arrays.values()) + (256 << 10), str(final))
             tmp = tmp_path(final)
             with os_errors(str(final)):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,21 +91,28 @@ class WriterLock:
     drops flock locks when a process dies, so a SIGKILL never leaves a stale lock behind.
     """
 
-    def __init__(self, target: Path):
+    def __init__(self, target: Path, wait: float = 0.0):
         self.path = Path(str(target) + ".lock")
         self.fd = None
+        self.wait = wait  # seconds to keep retrying (short critical sections, e.g. storing a result)
 
     def __enter__(self):
         with os_errors(str(self.path)):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise CacheInUseError(f"cache {str(self.path)[:-5]} is in use by PID {holder}; fix: wait for "
-                                  "that command to finish (or stop it) and rerun") from None
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise CacheInUseError(f"cache {str(self.path)[:-5]} is in use by PID {holder}; fix: wait for "
+                                      "that command to finish (or stop it) and rerun") from None
         try:
             with os_errors(str(self.path)):
                 os.ftruncate(fd, 0)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .cache import Cache
 from .errors import CachekitError
-from .results import canonical
+from .results import ResultStore, canonical
 from .runner import DEFAULTS, Runner, method_params
 
 GRID_KEYS = ("methods", "shots", "seeds", "preset")
@@ -93,8 +93,9 @@ def expand(grid: dict, cache: Cache) -> list[dict]:
     return rows
 
 
-def row_key(row: dict) -> str:
-    return canonical({"method": row["method"], "k": row["k"], "seed": row["seed"],
+def row_key(row: dict, cache_build: str) -> str:
+    """Unique per cache build too, so rows of another cache in the same file are never taken as done."""
+    return canonical({"cache": cache_build, "method": row["method"], "k": row["k"], "seed": row["seed"],
                       "params": method_params(row["method"], row["overrides"])})
 
 
@@ -126,16 +127,17 @@ def sweep(cache: Cache, grid: dict, out, progress: bool = False) -> dict:
     out = Path(out)
     rows = expand(grid, cache)
     runner = Runner(cache)
+    build = ResultStore(cache).build
     with os_errors(str(out)):
         out.parent.mkdir(parents=True, exist_ok=True)
     with WriterLock(out):
         done = _existing(out)
-        todo = [r for r in rows if row_key(r) not in done]
+        todo = [r for r in rows if row_key(r, build) not in done]
         records = []
         with os_errors(str(out)), open(out, "a", encoding="utf-8") as fh:
             for r in tqdm(todo, desc="sweep", unit="run", disable=not progress or None, leave=False):
                 rec = runner.run(r["method"], r["k"], r["seed"], r["overrides"])
-                rec["row_key"] = row_key(r)
+                rec["row_key"] = row_key(r, build)
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())

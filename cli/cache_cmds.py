@@ -56,7 +56,8 @@ def extract(data, as_json, quiet, **kw):
     if as_json:
         emit_json(res)
     else:
-        note(f"weights: {res['weights']}")
+        if res.get("weights"):
+            note(f"weights: {res['weights']}")
         for name, classes in (res.get("with_replacement") or {}).items():
             note(f"NOTE: few-shot set {name}: {len(classes)} class(es) have fewer images than K and were "
                  f"sampled with replacement: {', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}")

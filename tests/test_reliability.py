@@ -114,17 +114,11 @@ def test_many_random_kill_points(base, tmp_path, command):
     assert survived == len(trials), [t.describe() for t in trials if not t.survived]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: extract --num-shards: a shard that does not assemble returns a summary "
-                   "without 'weights', and the CLI's note(res['weights']) raises KeyError: traceback, exit 1 for a "
-                   "shard that did its work (a SLURM array marks it failed)")
 def test_manual_shards_via_cli(base, tmp_path):
     (what, ok, detail), = R.check_shards(base, tmp_path, concurrent=False)
     assert ok, (what, detail)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ResultStore.put takes the results folder's lock without waiting: two "
-                   "processes storing results next to one cache at once (parallel fit-safe / sweep / refine jobs) "
-                   "fail with 'in use by PID' although each result is its own atomically published file")
 def test_concurrent_result_stores_all_succeed(base, tmp_path):
     (what, ok, detail), = R.check_concurrent_results(base, tmp_path, puts=40)
     assert ok, (what, detail)
@@ -138,9 +132,6 @@ def test_interrupted_overwrite_resumes(base, tmp_path):
     assert ok, (what, detail)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a sweep row's key does not name the cache: sweeping another cache "
-                   "(or one rebuilt with other settings) into an --out that holds rows skips them all as 'already "
-                   "done', so its results are silently missing")
 def test_sweep_of_another_cache_into_same_out(base, tmp_path):
     (what, ok, detail), = R.check_sweep_shared_out(base, tmp_path)
     assert ok, (what, detail)
@@ -177,10 +168,7 @@ def disk_full(base, can_mount, tmp_path_factory):
 @pytest.mark.parametrize("size", [
     "1m",  # out of space while assembling
     "100k",  # out of space while writing the batches
-    pytest.param("2m", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: extract's free-space check before assembling leaves out the attention-pooling weights (3.3 MiB "
-        "for RN-tiny, ~60 MiB for RN50): with free space between its estimate and the real size HDF5 runs out "
-        "part-way and the process segfaults (exit -11/139) after the one-line error"))),
+    "2m",  # free space between a naive estimate and the real size
 ])
 def test_disk_full_extract(disk_full, size):
     """Once HDF5 fails to write a file the process can segfault later (h5py objects of that file freed),
