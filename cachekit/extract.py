@@ -280,10 +280,13 @@ class _Job:
         if overwrite:
             for p in (out, tmp_path(out)):
                 p.unlink(missing_ok=True)
-            shutil.rmtree(parts, ignore_errors=True)
             shutil.rmtree(out.with_suffix(".results"), ignore_errors=True)
         self.bundle = bundle = load_model(opts.model, opts.pretrained, init_seed=opts.init_seed, device=opts.device)
         self.ident = ident = _identity(opts, self.spec, bundle, self.templates)
+        plan_path = parts / "plan.json"
+        if overwrite and plan_path.exists() and json.loads(plan_path.read_text())["identity"] != ident:
+            # An unfinished run of these very settings is kept, so an interrupted --overwrite resumes.
+            shutil.rmtree(parts, ignore_errors=True)
         if out.exists():
             old = read_identity(out)
             if old != ident:

@@ -124,9 +124,6 @@ def test_concurrent_result_stores_all_succeed(base, tmp_path):
     assert ok, (what, detail)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: extract --overwrite, interrupted, says 'finished work is kept; rerun "
-                   "the same command to resume', but the same command (with --overwrite) deletes OUT.parts and "
-                   "encodes every batch again")
 def test_interrupted_overwrite_resumes(base, tmp_path):
     (what, ok, detail), = R.check_overwrite_resume(base, tmp_path)
     assert ok, (what, detail)
