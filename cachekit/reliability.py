@@ -1865,8 +1865,7 @@ FOUND = [
     ("(100k tmpfs)", "the same while writing the batches (segments)", "as above (e9e8f44)"),
     ("(2m tmpfs)", "the free-space check before assembling leaves out the attention-pooling weights (3.3 MiB for "
      "RN-tiny, ~60 MiB for RN50): between the estimate and the real size, the segfault is back",
-     "cachekit/extract.py `_assemble`: add `sum(v.numel() * 4 for v in attnpool_params(bundle.visual)[0].values())` "
-     "to the estimate"),
+     "count the attention-pooling weights in the estimate (4320591)"),
     ("fit-safe next to an existing cache, disk full (8", "fit-safe on a full disk: h5py RuntimeError on close, "
      "then a segfault", "check free space first (e9e8f44); building small HDF5 files in memory (io.BytesIO) and "
      "writing them with plain I/O would remove the failure mode"),
@@ -1886,16 +1885,16 @@ FOUND = [
      "value types checked before any run (6a38c6a)"),
     ("grid-bad-value", "grid candidate values not validated: traceback part-way through a sweep", "(6a38c6a)"),
     ("num-shards", "extract --num-shards: a shard that does not assemble crashes in the CLI (KeyError 'weights'), "
-     "exit 1 although its work is done", "cli/cache_cmds.py: `if res.get(\"weights\"): note(...)`"),
+     "exit 1 although its work is done", "summaries without weights are printed without it (4320591)"),
     ("storing results next to the same cache", "two processes storing results next to one cache (parallel "
      "fit-safe/sweep/refine jobs) fail at random with 'in use by PID'",
-     "cachekit/store.py: WriterLock(wait=seconds) retrying the flock; results.py: `WriterLock(..., wait=60)`"),
+     "WriterLock(wait=...) retries the flock; result stores wait (4320591)"),
     ("another cache into the same --out", "sweep: a row's key does not name the cache, so sweeping another cache "
      "(or a cache rebuilt with other settings) into an --out that already holds rows skips every row as 'already "
-     "done': its results are silently missing", "cachekit/sweep.py: put `ResultStore(cache).build` into row_key"),
+     "done': its results are silently missing", "row keys name the cache build (4320591)"),
     ("--overwrite interrupted", "extract --overwrite interrupted says 'rerun the same command to resume', but that "
      "command deletes OUT.parts and encodes every batch again",
-     "cli/cache_cmds.py: on KeyboardInterrupt with --overwrite, say 'rerun ... without --overwrite to resume'"),
+     "--overwrite keeps an unfinished run of the same settings (df397b7)"),
 ]
 
 
