@@ -119,12 +119,18 @@ def refine_channels(W, F, key_labels, top_k: int, weights=(0.5, 0.5), text_only:
     return refine.select_channels(sc, int(top_k)), sc
 
 
+_SEARCH_MEMO = 512  # APE searches remembered per Runner (a Selection is a few small dicts)
+
+
 class Runner:
     """Runs methods on one open cache. Inputs are loaded once per (K, seed) and reused."""
 
     def __init__(self, cache: Cache):
         self.cache = cache
         self._inputs = lru_cache(maxsize=8)(self._load)
+        # APE searches by (K, seed, channel indices in order, grid): configurations whose criterion weights
+        # or Q pick the very same channels get the very same search, so a sweep runs it once.
+        self._ape_searches: dict = {}
 
     def inputs(self, k: int, seed: int) -> Inputs:
         return self._inputs(int(k), int(seed))
@@ -155,8 +161,16 @@ class Runner:
                              n_beta=params["n"][0], n_alpha=params["n"][1])
         elif method == "ape":
             idx, _ = refine_channels(x.W, x.F, x.key_labels, params["top_k"], params["weights"])
-            sel = ape.select(x.val_f, x.val_y, x.W, x.F, x.L, x.key_labels, idx, x.test_f, x.test_y,
-                             s=tuple(params["s"]), n=tuple(params["n"]))
+            key = (int(k), int(seed), tuple(idx.tolist()), tuple(params["s"]), tuple(params["n"]))
+            sel = self._ape_searches.get(key)
+            if sel is None:
+                sel = ape.select(x.val_f, x.val_y, x.W, x.F, x.L, x.key_labels, idx, x.test_f, x.test_y,
+                                 s=tuple(params["s"]), n=tuple(params["n"]))
+                if len(self._ape_searches) >= _SEARCH_MEMO:
+                    self._ape_searches.pop(next(iter(self._ape_searches)))
+                self._ape_searches[key] = sel
+            else:
+                extra = {"search": "reused: an earlier configuration selected the same channels"}
         elif method == "gda":
             from .methods import gda
 

@@ -7,6 +7,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cachekit.cli.main import cli
@@ -210,3 +211,32 @@ def test_eval_doc_lists_every_parameter():
     for m, params in DEFAULTS.items():
         for k, v in params.items():
             assert f"| `{m}` | `{k}` | `{json.dumps(v)}` |" in doc, (m, k)
+
+
+def test_runner_reuses_an_ape_search_only_for_the_same_channels(tiny_cache):
+    """Configurations whose (Q, weights) select the same channels share one search; the reused row equals a
+    fresh search in a new Runner, and a different channel set is searched anew."""
+    from cachekit.cache import open_cache
+    from cachekit.runner import Runner, refine_channels
+
+    grid = {"n": [10, 5, 5], "top_k": 6}
+    with open_cache(tiny_cache) as c:
+        r = Runner(c)
+        x = r.inputs(2, 1)
+        # J = -w0 sim + w1 var: doubling both weights doubles J exactly, so the same channels in the same order
+        idx_a = refine_channels(x.W, x.F, x.key_labels, 6, (0.5, 0.5))[0]
+        idx_b = refine_channels(x.W, x.F, x.key_labels, 6, (1.0, 1.0))[0]
+        idx_c = refine_channels(x.W, x.F, x.key_labels, 6, (1.0, 0.0))[0]
+        assert torch.equal(idx_a, idx_b) and not torch.equal(idx_a, idx_c)
+        first = r.run("ape", 2, 1, {**grid, "weights": [0.5, 0.5]})
+        second = r.run("ape", 2, 1, {**grid, "weights": [1.0, 1.0]})
+        other = r.run("ape", 2, 1, {**grid, "weights": [1.0, 0.0]})
+        fresh = Runner(c).run("ape", 2, 1, {**grid, "weights": [1.0, 1.0]})
+        fresh_other = Runner(c).run("ape", 2, 1, {**grid, "weights": [1.0, 0.0]})
+    assert second["extra"]["search"].startswith("reused")
+    assert "extra" not in first and "extra" not in other and "extra" not in fresh
+    assert len(r._ape_searches) == 2
+    assert second["config"]["weights"] == [1.0, 1.0]
+    for key in ("metrics", "params"):
+        assert second[key] == fresh[key] == first[key]
+        assert other[key] == fresh_other[key]

@@ -80,7 +80,7 @@ def _class_layout(y: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     return index, mask
 
 
-_ROW_BUDGET = 1 << 22  # classes x (sample, gamma) columns held at once; samples are processed in chunks
+_ROW_BUDGET = 1 << 22  # (class x sample x beta x gamma) cache entries held at once
 
 
 def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch.Tensor,
@@ -89,25 +89,28 @@ def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch
 
     z (M, C) zero-shot logits, y (M,) labels, A_m1 (C, M, Kmax) = A - 1 per class slot, R (C, Kmax, G)
     the slot values L[n, c] * exp(gamma_g * div_n) (0 on padding slots), so that
-    cache[m, c](beta, gamma_g) = sum_k exp(beta * A_m1[c, m, k]) * R[c, k, g]: one exp and one batched
-    matmul per beta give the cache for every gamma, and tip.LinearArgmaxCounter counts every alpha exactly.
+    cache[m, c](beta, gamma_g) = sum_k exp(beta * A_m1[c, m, k]) * R[c, k, g]. Betas go in blocks as large
+    as the memory budget allows: one exp and one batched matmul give the cache of every (beta, gamma) in
+    the block, and one tip.LinearArgmaxCounter pass counts every alpha of them exactly, so a small cache
+    costs a handful of tensor ops per search instead of a few hundred.
     """
-    C, M, _ = A_m1.shape
+    C, M, K = A_m1.shape
     G = R.shape[2]
-    counts = torch.zeros(len(betas), al.numel(), G, dtype=torch.long)
-    counter = tip.LinearArgmaxCounter(z, y, al, G)
-    E = torch.empty_like(A_m1)
-    cache = torch.empty(C, M, G, dtype=z.dtype, device=z.device)
-    for i, beta in enumerate(betas):
-        if i % tip._SCALE_BLOCK == 0:
-            # The cache for beta in a block is at most the sum of its values at the block's two ends
-            # (exp(beta a) is monotone in beta, R >= 0).
-            bs = betas[i:i + tip._SCALE_BLOCK]
-            counter.set_scale((torch.bmm(torch.exp(min(bs) * A_m1), R)
-                               + torch.bmm(torch.exp(max(bs) * A_m1), R)).amax(dim=0).reshape(-1))
-        torch.exp(torch.mul(A_m1, beta, out=E), out=E)  # exp(-beta (1 - A)) per class slot
-        torch.bmm(E, R, out=cache)  # (C, M, G): column m * G + g
-        counts[i] = counter.count(cache.view(C, M * G)).t().cpu()  # (A, G)
+    nb = len(betas)
+    block = max(1, min(nb, _ROW_BUDGET // max(1, C * M * max(G, K))))
+    b_all = torch.tensor(betas, dtype=z.dtype, device=z.device)
+    counts = torch.zeros(nb, al.numel(), G, dtype=torch.long)
+    counter = None
+    for i0 in range(0, nb, block):
+        b = b_all[i0:i0 + block]
+        B = b.numel()
+        E = torch.exp(A_m1.unsqueeze(2) * b.view(1, 1, B, 1))  # exp(-beta (1 - A)), (C, M, B, Kmax)
+        cache = torch.bmm(E.view(C, M * B, K), R).view(C, M * B * G)  # column (m * B + b) * G + g
+        del E
+        if counter is None or counter.G != B * G:
+            counter = tip.LinearArgmaxCounter(z, y, al, B * G)
+        counter.set_scale(cache.amax(dim=0))  # cache >= 0: one-hot values, positive weights
+        counts[i0:i0 + B] = counter.count(cache).view(B, G, -1).permute(0, 2, 1).cpu()
     return counts
 
 
@@ -117,7 +120,8 @@ def grid_counts(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: to
     """Number of correct val predictions at every grid point: LongTensor (n_beta, n_alpha, n_gamma).
 
     Equal to evaluating `logits` at each point and counting argmax hits, but one exp and one batched
-    matmul per beta serve every gamma, and every alpha is counted at once (tip.LinearArgmaxCounter).
+    matmul serve a whole block of betas with every gamma, and every alpha is counted at once
+    (tip.LinearArgmaxCounter).
     """
     betas, alphas, gammas = beta_grid(s[0], n[0]), alpha_grid(s[1], n[1]), gamma_grid(s[2], n[2])
     C = W.shape[0]

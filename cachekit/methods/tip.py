@@ -44,7 +44,7 @@ def logits(f: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
 # the counts are bit-for-bit those of the literal evaluation.
 
 _PAIR_BLOCK = 1 << 22  # bound on (alphas x pairs) evaluated literally at once
-_SCALE_BLOCK = 20  # betas sharing one set of margins
+_BETA_BUDGET = 1 << 22  # (sample x class x beta) cache entries counted in one pass
 _CHUNK_ELEMS = 1 << 23  # samples are processed in chunks of about this many (sample x key) entries
 
 
@@ -57,8 +57,12 @@ def _literal_beats(zc, kc, zt, kt, c, t, al_row):
 
 def pair_wrong(zc: torch.Tensor, kc: torch.Tensor, zt: torch.Tensor, kt: torch.Tensor, c: torch.Tensor,
                t: torch.Tensor, row: torch.Tensor, n_rows: int, al: torch.Tensor,
-               tolp: torch.Tensor) -> torch.Tensor:
-    """Per row and alpha: does some listed class beat the row's true class? bool (n_rows, A).
+               tolp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: the alphas at which some listed class beats the row's true class.
+
+    Returns (prefix, suffix, extra) with A = al.numel(): row r is wrong at alpha index a when a < prefix[r],
+    when a >= suffix[r], or when r * A + a is in extra (flat indices, may repeat); prefix and suffix are
+    LongTensors (n_rows,).
 
     Pair p compares class c[p] (zero-shot zc, cache kc) with the true class t[p] (zt, kt) of row row[p];
     al (A,) must be ascending; tolp (P,) is the margin of each pair. Class c beats t at alpha when
@@ -67,14 +71,14 @@ def pair_wrong(zc: torch.Tensor, kc: torch.Tensor, zt: torch.Tensor, kt: torch.T
     t on one side of alpha* only: the two grid points next to alpha* are evaluated literally, the others
     follow from the side once the margin at the nearest of them confirms it, and a pair without such a
     clear crossing is evaluated literally at every alpha. Per row, the beaten alphas of all its pairs are
-    then one prefix (pairs with kc < kt), one suffix (kc > kt) and rare isolated points.
+    then one prefix (pairs with kc < kt), one suffix (kc > kt) and rare isolated points (extra).
     """
     A = al.numel()
     dev = al.device
-    a_idx = torch.arange(A, device=dev)
-    wrong = torch.zeros(n_rows, A, dtype=torch.bool, device=dev)
+    suffix = torch.full((n_rows,), A, dtype=torch.long, device=dev)
+    prefix = torch.zeros(n_rows, dtype=torch.long, device=dev)
     if c.numel() == 0:
-        return wrong
+        return prefix, suffix, torch.zeros(0, dtype=torch.long, device=dev)
     zd, kd = zc - zt, kc - kt  # rounded: used with the margin only
     nzk = kd != 0
     cross = torch.where(nzk, -zd / torch.where(nzk, kd, torch.ones_like(kd)), torch.zeros_like(kd))
@@ -97,16 +101,14 @@ def pair_wrong(zc: torch.Tensor, kc: torch.Tensor, zt: torch.Tensor, kt: torch.T
     # kd < 0: beaten on [0, stop) plus, rarely, the isolated point j (b2 without b1).
     stop = torch.where(b1, torch.where(b2, j + 1, j), j - 1).clamp(0, A)
     sel = clear & pos
-    first_bad = torch.full((n_rows,), A, dtype=torch.long, device=dev)
-    first_bad.scatter_reduce_(0, row[sel], start[sel], reduce="amin")
+    suffix.scatter_reduce_(0, row[sel], start[sel], reduce="amin")
     sel = clear & ~pos
-    prefix_bad = torch.zeros(n_rows, dtype=torch.long, device=dev)
-    prefix_bad.scatter_reduce_(0, row[sel], stop[sel], reduce="amax")
-    wrong = (a_idx >= first_bad.unsqueeze(1)) | (a_idx < prefix_bad.unsqueeze(1))
+    prefix.scatter_reduce_(0, row[sel], stop[sel], reduce="amax")
+    extra = []
     iso = clear & pos & b1 & ~b2
-    wrong[row[iso], (j - 1)[iso]] = True
+    extra.append(row[iso] * A + (j - 1)[iso])
     iso = clear & ~pos & b2 & ~b1
-    wrong[row[iso], j[iso]] = True
+    extra.append(row[iso] * A + j[iso])
 
     fb = torch.nonzero(~clear).squeeze(1)  # no clear crossing: every alpha literally
     block = max(1, _PAIR_BLOCK // A)
@@ -114,9 +116,16 @@ def pair_wrong(zc: torch.Tensor, kc: torch.Tensor, zt: torch.Tensor, kt: torch.T
     for s0 in range(0, fb.numel(), block):
         q = fb[s0:s0 + block]
         beats = _literal_beats(zc[q], kc[q], zt[q], kt[q], c[q], t[q], al_row)
-        hits = torch.zeros(n_rows, A, dtype=torch.int32, device=dev)
-        hits.index_add_(0, row[q], beats.to(torch.int32))
-        wrong |= hits > 0
+        p, a = torch.nonzero(beats, as_tuple=True)
+        extra.append(row[q][p] * A + a)
+    return prefix, suffix, torch.cat(extra)
+
+
+def wrong_matrix(prefix: torch.Tensor, suffix: torch.Tensor, extra: torch.Tensor, A: int) -> torch.Tensor:
+    """bool (n_rows, A) from pair_wrong's (prefix, suffix, extra)."""
+    a_idx = torch.arange(A, device=prefix.device)
+    wrong = (a_idx >= suffix.unsqueeze(1)) | (a_idx < prefix.unsqueeze(1))
+    wrong.view(-1)[extra] = True
     return wrong
 
 
@@ -125,14 +134,16 @@ class LinearArgmaxCounter:
 
     z (M, C) zero-shot logits and y (M,) labels are fixed; each call to `count` passes one cache term in
     the class-major layout k (C, M * G): column m * G + g is sample m under the g-th cache variant (the
-    gamma of APE; G = 1 for Tip-Adapter). alphas (A,) must be >= 0 (any order). Before counting, call
-    `set_scale(k_scale)` with k_scale (M * G,) bounding |k| over the cache terms to come; it sets the margin
-    tol = 256 eps (max_c |z| + max(alpha) * k_scale) per column, far above the rounding of the bounds.
+    beta and gamma of a block of APE grid points; betas for Tip-Adapter). alphas (A,) must be >= 0 (any
+    order). Before counting, call `set_scale(k_scale)` with k_scale (M * G,) bounding |k| per column; it
+    sets the margin tol = 256 eps (max_c |z| + max(alpha) * k_scale) per column, far above the rounding of
+    the bounds.
 
     With kd = k_c - k_y and zd = z_c - z_y, class c could tie or beat the true class y at some alpha in
     [lo, hi] only if zd + alpha kd >= -tol at alpha = lo or hi, i.e. kd >= theta_c; and it beats y at every
     alpha if zd + alpha kd > tol at both ends, i.e. kd > phi_c. theta and phi depend on z and the scale
-    only, so `count` needs a few passes over k plus `pair_wrong` on the few remaining candidates.
+    only (one value per class and sample, shared by the G variants), so `count` needs a few passes over k
+    plus `pair_wrong` on the few remaining candidates.
     """
 
     def __init__(self, z: torch.Tensor, y: torch.Tensor, alphas: torch.Tensor, G: int = 1,
@@ -149,23 +160,33 @@ class LinearArgmaxCounter:
         self.M, self.G, self.C, self.R = M, G, C, M * G
         zt = z.t().contiguous()  # (C, M)
         self.z_flat = zt.view(-1)  # index c * M + m
+        self.y = y
         self.y_rows = y.repeat_interleave(G)
         self.y_flat = self.y_rows * self.R + torch.arange(self.R, device=z.device)  # (y_r, r) in (C, R)
-        self.zmax = z.abs().amax(dim=1).repeat_interleave(G)
+        self.zmax = z.abs().amax(dim=1)  # (M,)
         zd = zt - zt.gather(0, y.view(1, M))
         zd.scatter_(0, y.view(1, M), float("-inf"))
-        self.zd = zd.unsqueeze(2).expand(C, M, G).reshape(C, self.R)
+        self.zd = zd  # (C, M)
         self.rel = 256 * torch.finfo(z.dtype).eps
-        self._kd = torch.empty(C, self.R, dtype=z.dtype, device=z.device)
-        self._mask = torch.empty(C, self.R, dtype=torch.bool, device=z.device)
+        self._kd = torch.empty(C, M, G, dtype=z.dtype, device=z.device)
+        self._mask = torch.empty(C, M, G, dtype=torch.bool, device=z.device)
         self.theta = self.phi = self.tol = None
         if k_scale is not None:
             self.set_scale(k_scale)
 
     def set_scale(self, k_scale: torch.Tensor) -> None:
-        """Margins for cache terms with |k[:, r]| <= k_scale[r]."""
+        """Margins for cache terms with |k[:, r]| <= k_scale[r] (R,).
+
+        Each column gets its own margin (used on candidate pairs); the class filters theta and phi use the
+        widest margin of a sample's G columns, which only lets a few more pairs through to the exact check.
+        """
+        k_scale = k_scale.reshape(-1).to(self.zmax.dtype).abs()
+        if k_scale.numel() != self.R:
+            raise CachekitError(f"k_scale has {k_scale.numel()} values for {self.R} columns; "
+                                "fix: pass one bound per column (M * G)")
         lo, hi = float(self.al[0]), float(self.al[-1])
-        self.tol = self.rel * (self.zmax + hi * k_scale.reshape(-1).to(self.zmax.dtype).abs())
+        self.tol_col = self.rel * (self.zmax.repeat_interleave(self.G) + hi * k_scale)  # (R,)
+        self.tol = self.tol_col.view(self.M, self.G).amax(dim=1)  # (M,)
         inf = float("inf")
 
         def ratio(num, a):  # the smallest kd with a * kd >= num, for a >= 0
@@ -173,17 +194,18 @@ class LinearArgmaxCounter:
                 return num / a
             return torch.where(num <= 0, torch.full_like(num, -inf), torch.full_like(num, inf))
 
-        need = torch.sub(-self.tol, self.zd, out=self._kd)  # c reaches y at alpha iff alpha * kd >= need
-        self.theta = torch.minimum(ratio(need, lo), ratio(need, hi))
-        over = torch.sub(self.tol, self.zd, out=self._kd)  # c beats y at alpha iff alpha * kd > over
+        need = -self.tol - self.zd  # c reaches y at alpha iff alpha * kd >= need
+        self.theta = torch.minimum(ratio(need, lo), ratio(need, hi)).unsqueeze(2)  # (C, M, 1)
+        over = self.tol - self.zd  # c beats y at alpha iff alpha * kd > over
         if lo > 0:
-            self.phi = torch.maximum(over / lo, over / hi)
+            phi = torch.maximum(over / lo, over / hi)
         else:
             r_hi = ratio(over, hi)
-            self.phi = torch.where(over < 0, r_hi, torch.full_like(r_hi, inf))
+            phi = torch.where(over < 0, r_hi, torch.full_like(r_hi, inf))
+        self.phi = phi.unsqueeze(2)
 
-    def correct(self, k: torch.Tensor) -> torch.Tensor:
-        """bool (R, A), alphas in ascending order: is column r classified correctly at alpha_a."""
+    def _wrong(self, k: torch.Tensor):
+        """pair_wrong's (prefix, suffix, extra) per column r of k, and sure_wrong (R,) bool."""
         if self.theta is None:
             raise CachekitError("LinearArgmaxCounter used before set_scale; fix: call set_scale(k_scale)")
         C, R = k.shape
@@ -193,26 +215,52 @@ class LinearArgmaxCounter:
         k = k.contiguous()
         k_flat = k.view(-1)
         k_true = k_flat.index_select(0, self.y_flat)  # (R,)
-        kd = torch.sub(k, k_true, out=self._kd)
+        kd = torch.sub(k.view(C, self.M, self.G), k_true.view(1, self.M, self.G), out=self._kd)
         cand = torch.ge(kd, self.theta, out=self._mask)
-        sure_wrong = kd.sub_(self.phi).amax(dim=0) > 0  # some class beats y by the margin at every alpha
+        sure_wrong = kd.sub_(self.phi).amax(dim=0).view(R) > 0  # some class beats y by the margin at every alpha
+        cand = cand.view(C, R)
         cand &= ~sure_wrong
         f = torch.nonzero(cand.view(-1)).squeeze(1)
         c, r = f // R, f % R
         m = r // self.G
         t = self.y_rows.index_select(0, r)
-        wrong = pair_wrong(self.z_flat.index_select(0, c * self.M + m), k_flat.index_select(0, f),
-                           self.z_flat.index_select(0, t * self.M + m), k_true.index_select(0, r),
-                           c, t, r, R, self.al, self.tol.index_select(0, r))
+        prefix, suffix, extra = pair_wrong(
+            self.z_flat.index_select(0, c * self.M + m), k_flat.index_select(0, f),
+            self.z_flat.index_select(0, t * self.M + m), k_true.index_select(0, r),
+            c, t, r, R, self.al, self.tol_col.index_select(0, r))
+        return prefix, suffix, extra, sure_wrong
+
+    def correct(self, k: torch.Tensor) -> torch.Tensor:
+        """bool (R, A), alphas in ascending order: is column r classified correctly at alpha_a."""
+        prefix, suffix, extra, sure_wrong = self._wrong(k)
+        wrong = wrong_matrix(prefix, suffix, extra, self.A)
         wrong |= sure_wrong.unsqueeze(1)
         return ~wrong
 
     def count(self, k: torch.Tensor) -> torch.Tensor:
-        """LongTensor (G, A), alphas in the caller's order: correct samples per cache variant and alpha."""
-        ok = self.correct(k).view(self.M, self.G, self.A).sum(dim=0, dtype=torch.long)
-        out = torch.empty_like(ok)
-        out[:, self.perm] = ok
-        return out
+        """LongTensor (G, A), alphas in the caller's order: correct samples per cache variant and alpha.
+
+        Column r is correct on the alpha indices [prefix, suffix) less its extra points, so the counts are
+        a cumulative sum of +1/-1 marks per variant, less the extra points inside those intervals: no
+        (columns x alphas) matrix is built.
+        """
+        prefix, suffix, extra, sure_wrong = self._wrong(k)
+        A, G, dev = self.A, self.G, prefix.device
+        ok = (prefix < suffix) & ~sure_wrong
+        g = torch.arange(self.R, device=dev) % G
+        marks = torch.zeros(G, A + 1, dtype=torch.long, device=dev)
+        ones = ok.to(torch.long)
+        marks.view(-1).index_add_(0, g * (A + 1) + prefix, ones)
+        marks.view(-1).index_add_(0, g * (A + 1) + suffix, -ones)
+        counts = marks[:, :A].cumsum(dim=1)
+        if extra.numel():
+            extra = torch.unique(extra)
+            r, a = extra // A, extra % A
+            inside = ok[r] & (a >= prefix[r]) & (a < suffix[r])
+            counts.view(-1).index_add_(0, (g[r] * A + a)[inside], torch.full_like(a[inside], -1))
+        out = torch.empty_like(counts)
+        out[:, self.perm] = counts
+        return out.cpu()
 
 
 def count_correct(z: torch.Tensor, k: torch.Tensor, labels: torch.Tensor,
@@ -246,29 +294,30 @@ def grid_counts(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: to
 
     Equal, bit for bit, to evaluating `logits` at each point and counting argmax hits: the zero-shot term
     and the affinity are computed once, exp(-beta (1 - A)) L once per beta (with the same operations as
-    `logits`), and every alpha is counted at once by LinearArgmaxCounter.
+    `logits`), and every alpha of a whole block of betas is counted in one LinearArgmaxCounter pass.
     """
     betas = beta_grid(s_beta, n_beta)
     alphas = alpha_grid(s_alpha, n_alpha)
     al = torch.tensor(alphas, dtype=val_f.dtype, device=val_f.device)
     y = val_y.reshape(-1).long().to(val_f.device)
-    L_abs = L.abs()
     counts = torch.zeros(n_beta, n_alpha, dtype=torch.long)
     step = _row_chunk(max(F.shape[0], W.shape[0]))
     for fc, yc in zip(val_f.split(step), y.split(step)):
         z = zeroshot.logits(fc, W)
         A = affinity(fc, F)
-        counter = LinearArgmaxCounter(z, yc, al)
-        for i, beta in enumerate(betas):
-            if i % _SCALE_BLOCK == 0:
-                # |cache| for beta in a block is at most the sum of its values at the block's two ends
-                # (exp(-beta (1 - a)) is monotone in beta).
-                bs = betas[i:i + _SCALE_BLOCK]
-                ends = torch.exp(-min(bs) * (1 - A)) + torch.exp(-max(bs) * (1 - A))
-                counter.set_scale((ends @ L_abs).amax(dim=1))
-                del ends
-            cache = cache_logits(A, L, beta)  # the same operations as `logits`, so the same bits
-            counts[i] += counter.count(cache.t())[0].cpu()
+        M, C = z.shape
+        block = max(1, min(n_beta, _BETA_BUDGET // max(1, M * C)))
+        counter = None
+        for i0 in range(0, n_beta, block):
+            bs = betas[i0:i0 + block]
+            # Each beta's cache with the same operations as `logits` (so the same bits), then one
+            # counting pass for the whole block: column m * B + b is sample m at beta b.
+            cache = torch.stack([cache_logits(A, L, beta) for beta in bs], dim=2)  # (M, C, B)
+            cache = cache.permute(1, 0, 2).reshape(C, M * len(bs))
+            if counter is None or counter.G != len(bs):
+                counter = LinearArgmaxCounter(z, yc, al, len(bs))
+            counter.set_scale(cache.abs().amax(dim=0))
+            counts[i0:i0 + len(bs)] += counter.count(cache).cpu()
     return counts
 
 
