@@ -119,7 +119,32 @@ def refine_channels(W, F, key_labels, top_k: int, weights=(0.5, 0.5), text_only:
     return refine.select_channels(sc, int(top_k)), sc
 
 
-_SEARCH_MEMO = 512  # APE searches remembered per Runner (a Selection is a few small dicts)
+class ApeSearches:
+    """APE searches remembered by (inputs key, channel indices in order, grid).
+
+    Configurations whose criterion weights or Q pick the very same channels (in the same order, so the same
+    arithmetic) get the very same search, so a sweep runs it once. Keeps the latest `size` searches.
+    """
+
+    def __init__(self, size: int = 512):
+        self.size = size
+        self._memo: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    def select(self, inputs_key, x, idx: torch.Tensor, s, n) -> tuple:
+        """(ape.select on val then test for these channels, whether it was reused)."""
+        key = (inputs_key, tuple(idx.tolist()), tuple(s), tuple(n))
+        sel = self._memo.get(key)
+        if sel is not None:
+            return sel, True
+        sel = ape.select(x.val_f, x.val_y, x.W, x.F, x.L, x.key_labels, idx, x.test_f, x.test_y,
+                         s=tuple(s), n=tuple(n))
+        if len(self._memo) >= self.size:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = sel
+        return sel, False
 
 
 class Runner:
@@ -128,9 +153,7 @@ class Runner:
     def __init__(self, cache: Cache):
         self.cache = cache
         self._inputs = lru_cache(maxsize=8)(self._load)
-        # APE searches by (K, seed, channel indices in order, grid): configurations whose criterion weights
-        # or Q pick the very same channels get the very same search, so a sweep runs it once.
-        self._ape_searches: dict = {}
+        self._ape_searches = ApeSearches()
 
     def inputs(self, k: int, seed: int) -> Inputs:
         return self._inputs(int(k), int(seed))
@@ -161,15 +184,8 @@ class Runner:
                              n_beta=params["n"][0], n_alpha=params["n"][1])
         elif method == "ape":
             idx, _ = refine_channels(x.W, x.F, x.key_labels, params["top_k"], params["weights"])
-            key = (int(k), int(seed), tuple(idx.tolist()), tuple(params["s"]), tuple(params["n"]))
-            sel = self._ape_searches.get(key)
-            if sel is None:
-                sel = ape.select(x.val_f, x.val_y, x.W, x.F, x.L, x.key_labels, idx, x.test_f, x.test_y,
-                                 s=tuple(params["s"]), n=tuple(params["n"]))
-                if len(self._ape_searches) >= _SEARCH_MEMO:
-                    self._ape_searches.pop(next(iter(self._ape_searches)))
-                self._ape_searches[key] = sel
-            else:
+            sel, reused = self._ape_searches.select((int(k), int(seed)), x, idx, params["s"], params["n"])
+            if reused:
                 extra = {"search": "reused: an earlier configuration selected the same channels"}
         elif method == "gda":
             from .methods import gda

@@ -25,6 +25,9 @@ def _pair(ctx, param, value):
 
 def _common(fn):
     """Output options shared by every bench subcommand."""
+    fn = click.option("--docs-section", default=None,
+                      help="Name of the section --write-docs replaces (default: the benchmark's name), to keep "
+                           "runs at several sizes side by side.")(fn)
     fn = click.option("--docs", "docs_path", type=click.Path(dir_okay=False), default=None,
                       help="Benchmarks document to update with --write-docs (default: docs/benchmarks.md).")(fn)
     fn = click.option("--write-docs", is_flag=True,
@@ -37,16 +40,19 @@ def _common(fn):
     return fn
 
 
-def _finish(res: dict, as_json: bool, out_path, write_docs: bool, docs_path):
+def _finish(res: dict, as_json: bool, out_path, write_docs: bool, docs_path, docs_section=None):
     from cachekit.bench import write_docs_section
 
+    if docs_section:
+        res["docs_section"] = docs_section
+        res["command"] += f" --docs-section {docs_section}"
     if out_path:
         p = Path(out_path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
         note(f"saved {p}")
     if write_docs:
-        note(f"updated section '{res['bench']}' of {write_docs_section(res, docs_path)}")
+        note(f"updated section '{res.get('docs_section', res['bench'])}' of {write_docs_section(res, docs_path)}")
     if as_json:
         emit_json(res)
         return
@@ -81,11 +87,11 @@ def bench():
 @click.option("--seed", default=0, type=int)
 @_common
 @friendly
-def refine_cmd(as_json, out_path, write_docs, docs_path, **kw):
+def refine_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
     """Closed-form APE channel criterion vs the literal O(C^2 S^2 D) pairwise loop."""
     from cachekit.bench import bench_refine
 
-    _finish(bench_refine(**kw), as_json, out_path, write_docs, docs_path)
+    _finish(bench_refine(**kw), as_json, out_path, write_docs, docs_path, docs_section)
 
 
 @bench.command("grid", context_settings=CONTEXT)
@@ -103,15 +109,17 @@ def refine_cmd(as_json, out_path, write_docs, docs_path, **kw):
 @click.option("--naive-points", default=100, type=click.IntRange(min=1),
               help="(b) grid points the naive loop is timed on (then extrapolated).")
 @click.option("--check-n", default="6,4,4", callback=_shape, help="(b) reduced grid (n_beta,n_alpha,n_gamma) for the same-pick check.")
+@click.option("--ape-configs", default=100, type=click.IntRange(min=1),
+              help="(c) APE sweep configurations (10 Q values x 10 criterion weight pairs at most).")
 @click.option("--seed", default=0, type=int)
 @_common
 @friendly
-def grid_cmd(as_json, out_path, write_docs, docs_path, **kw):
+def grid_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
     """(a) Tip/APE configurations on one cache vs re-extracting per configuration; (b) vectorised APE
     search vs a naive per-point loop."""
     from cachekit.bench import bench_grid
 
-    _finish(bench_grid(**kw), as_json, out_path, write_docs, docs_path)
+    _finish(bench_grid(**kw), as_json, out_path, write_docs, docs_path, docs_section)
 
 
 @bench.command("io", context_settings=CONTEXT)
@@ -127,11 +135,11 @@ def grid_cmd(as_json, out_path, write_docs, docs_path, **kw):
 @click.option("--seed", default=0, type=int)
 @_common
 @friendly
-def io_cmd(as_json, out_path, write_docs, docs_path, **kw):
+def io_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
     """Dense-map read throughput from a cache vs numpy reads of the same bytes."""
     from cachekit.bench import bench_io
 
-    _finish(bench_io(**kw), as_json, out_path, write_docs, docs_path)
+    _finish(bench_io(**kw), as_json, out_path, write_docs, docs_path, docs_section)
 
 
 @bench.command("safe", context_settings=CONTEXT)
@@ -148,11 +156,11 @@ def io_cmd(as_json, out_path, write_docs, docs_path, **kw):
 @click.option("--seed", default=1, type=int)
 @_common
 @friendly
-def safe_cmd(as_json, out_path, write_docs, docs_path, **kw):
+def safe_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
     """Seconds per SAFE epoch on cached dense maps vs decode + augment + backbone every epoch."""
     from cachekit.bench import bench_safe
 
-    _finish(bench_safe(**kw), as_json, out_path, write_docs, docs_path)
+    _finish(bench_safe(**kw), as_json, out_path, write_docs, docs_path, docs_section)
 
 
 @bench.command("extract", context_settings=CONTEXT)
@@ -167,11 +175,11 @@ def safe_cmd(as_json, out_path, write_docs, docs_path, **kw):
 @click.option("--seed", default=0, type=int)
 @_common
 @friendly
-def extract_cmd(as_json, out_path, write_docs, docs_path, **kw):
+def extract_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
     """Images/s of a full extract from JPEGs vs the bare encode_image forward."""
     from cachekit.bench import bench_extract
 
-    _finish(bench_extract(**kw), as_json, out_path, write_docs, docs_path)
+    _finish(bench_extract(**kw), as_json, out_path, write_docs, docs_path, docs_section)
 
 
 COMMANDS = [bench]

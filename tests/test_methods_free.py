@@ -432,9 +432,9 @@ def test_tip_search_matches_its_own_logits_in_float32():
             assert counts[i, j] == hits
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_ape_search_equals_naive_loop(seed):
-    W, F, L, ky, vf, vy = make_task(seed + 10, M=16)
+@pytest.mark.parametrize("seed,shots", [(0, (4, 2, 5, 3, 4)), (1, (4, 2, 5, 3, 4)), (2, (1,) * 5)])
+def test_ape_search_equals_naive_loop(seed, shots):
+    W, F, L, ky, vf, vy = make_task(seed + 10, M=16, shots=shots)  # 1-shot: one key slot per class
     idx = refine.select_channels(refine.scores(W, F, ky), 12)
     s, n = (7, 7, 1), (20, 10, 5)
     axes = [grid_values(0.1, s[0], n[0]), grid_values(0.1, s[1], n[1]), [k * s[2] / n[2] for k in range(n[2])]]

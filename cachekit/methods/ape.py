@@ -104,7 +104,8 @@ def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch
     for i0 in range(0, nb, block):
         b = b_all[i0:i0 + block]
         B = b.numel()
-        E = torch.exp(A_m1.unsqueeze(2) * b.view(1, 1, B, 1))  # exp(-beta (1 - A)), (C, M, B, Kmax)
+        E = torch.empty(C, M, B, K, dtype=z.dtype, device=z.device)  # row-major whatever the broadcast
+        torch.exp(torch.mul(A_m1.unsqueeze(2), b.view(1, 1, B, 1), out=E), out=E)  # exp(-beta (1 - A))
         cache = torch.bmm(E.view(C, M * B, K), R).view(C, M * B * G)  # column (m * B + b) * G + g
         del E
         if counter is None or counter.G != B * G:
