@@ -1024,10 +1024,10 @@ def bench_safe(images: int = 32, epochs: int = 1, model: str = "RN50", views: in
 
 # --------------------------------------------------------------------------------------------- 5. extract
 def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", batch_size: int = 32,
-                  workers: int = 0, views: int = 0, classes: int = 4, image_size=(500, 375), seed: int = 0,
-                  threads: int | None = None, workdir=None) -> dict:
+                  workers: int = 0, views: int = 0, classes: int = 4, image_size=(500, 375), decode: str = "pil",
+                  seed: int = 0, threads: int | None = None, workdir=None) -> dict:
     """Images/s of a full `extract` from JPEG files vs the bare `encode_image` forward on the same
-    preprocessed batches, in one run."""
+    preprocessed batches, in one run; decode "both" times extract with Pillow and with device decoding."""
     from .augment import AugmentedView, plain_transform
     from .data import load_image
     from .extract import ExtractOptions, extract
@@ -1037,18 +1037,24 @@ def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", ba
     image_size = tuple(int(x) for x in image_size)
     if images < 2 * classes:
         raise CachekitError(f"--images {images} must be at least 2 x --classes ({2 * classes}): half train, half val")
+    if decode not in ("pil", "device", "both"):
+        raise CachekitError(f"--decode {decode} is not supported; fix: pil, device or both")
     cli = dict(model=model, images=images, device=device, batch_size=batch_size, workers=workers, views=views,
-               classes=classes, image_size=image_size, seed=seed, threads=threads)
+               classes=classes, image_size=image_size, decode=decode, seed=seed, threads=threads)
     cuda = device.startswith("cuda")
     n_train = (images // 2 // classes) * classes
     n_val = images - n_train
     with _threads(threads), _workdir(workdir) as wd:
         res = _result("extract", dict(cli), cli, device)
         root = _make_images(wd / "images", {"train": n_train, "val": n_val}, classes, size=image_size, seed=seed)
-        opts = ExtractOptions(data=str(root), out=str(wd / "extract.h5"), model=model, shots=(n_train // classes,),
-                              seeds=(1,), views=views, batch_size=batch_size, workers=workers, device=device,
-                              init_seed=seed, overwrite=True)
-        t_extract, summary = _timed(lambda: extract(opts), device)
+        decodes = ["pil", "device"] if decode == "both" else [decode]
+        t_by_decode = {}
+        for dec in decodes:
+            opts = ExtractOptions(data=str(root), out=str(wd / f"extract-{dec}.h5"), model=model,
+                                  shots=(n_train // classes,), seeds=(1,), views=views, batch_size=batch_size,
+                                  workers=workers, device=device, init_seed=seed, overwrite=True, decode=dec)
+            t_by_decode[dec], summary = _timed(lambda: extract(opts), device)
+        t_extract = t_by_decode[decodes[0]]
         encoded = n_train * (views + 1) + n_val
 
         # Bare forward: the same images and views, preprocessed beforehand (not timed), same batch size.
@@ -1086,7 +1092,8 @@ def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", ba
     res["setup"] = {"model": model, "random_weights": True, "train_images": n_train, "val_images": n_val,
                     "views": views, "encoded_images": encoded, "jpeg_size": list(image_size),
                     "summary_images": summary.get("images")}
-    res["extract"] = {"seconds": t_extract, "images_per_s": ips_extract}
+    res["extract"] = {"seconds": t_extract, "images_per_s": ips_extract, "decode": decodes[0],
+                      "by_decode": {d: {"seconds": t, "images_per_s": encoded / t} for d, t in t_by_decode.items()}}
     res["bare"] = {"seconds": t_bare, "images_per_s": ips_bare, "seconds_model_construction": t_load}
     ips_extract_nobuild = encoded / max(t_extract - t_load, 1e-9)
     res["ratios"] = {"extract_over_bare": ips_extract / ips_bare,
@@ -1102,11 +1109,16 @@ def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", ba
              f"{ips_extract:.1f}", _fmt_x(ips_extract / ips_bare)],
             [f"the same, minus the model construction measured separately ({_fmt_s(t_load)})",
              f"{ips_extract_nobuild:.1f}", _fmt_x(ips_extract_nobuild / ips_bare)],
-        ],
+        ] + ([[f"full `extract --decode device` (plain-view JPEGs decoded by torchvision.io.decode_jpeg on {device})",
+               f"{encoded / t_by_decode['device']:.1f}", _fmt_x(encoded / t_by_decode['device'] / ips_bare)]]
+             if decode == "both" else []),
     }
+    if decode == "both":
+        res["ratios"]["extract_device_decode_over_bare"] = encoded / t_by_decode["device"] / ips_bare
     res["notes"] = [
         f"{model} with random weights on {device}, batch {batch_size}, {workers} DataLoader worker(s); "
-        f"{n_train} train + {n_val} val generated JPEGs ({classes} classes), val is test.",
+        f"{n_train} train + {n_val} val generated JPEGs ({classes} classes), val is test; "
+        f"extract decoding: {decodes[0]}" + (" (first row), then device" if decode == "both" else "") + ".",
         "Full extract = wall time of `cachekit.extract.extract`: model construction, text encoding, decoding every "
         "train image once more to check it, encoding, HDF5 segments and assembly. Bare = `encode_image` alone on "
         "tensors preprocessed beforehand (same images, same preprocessing, same batch size, one warm-up batch "

@@ -314,6 +314,24 @@ def _bomb_reason(width: int, height: int) -> str:
             f"{MAX_PIXELS / 1e6:.0f} MP decompression-bomb limit (cachekit.data.MAX_PIXELS)")
 
 
+def jpeg_bytes(path) -> np.ndarray | None:
+    """The raw bytes (uint8 array) of a JPEG whose decode is the same image as :func:`load_image`'s, else None.
+
+    For decoding on the device (torchvision.io.decode_jpeg, nvJPEG on CUDA): only baseline/progressive
+    JPEGs in RGB or grayscale within :data:`MAX_PIXELS` qualify; CMYK/YCCK JPEGs, other formats and files
+    Pillow cannot even open return None, and take the Pillow path (which names any problem).
+    """
+    p = os.fspath(path)
+    try:
+        with Image.open(p) as im:
+            if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.size[0] * im.size[1] > MAX_PIXELS:
+                return None
+        with open(p, "rb") as fh:
+            return np.frombuffer(fh.read(), dtype=np.uint8).copy()
+    except Exception:  # unreadable: the Pillow path reports it
+        return None
+
+
 def check_image(path) -> str | None:
     """``None`` when :func:`load_image` succeeds on ``path`` (full decode), else the one-line reason."""
     try:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import __version__
 from .augment import AugmentedView, plain_transform
 from .cache import FORMAT, SCHEMA_VERSION, read_identity
-from .data import check_image, load_dataset, load_image, sample_fewshot
+from .data import check_image, jpeg_bytes, load_dataset, load_image, sample_fewshot
 from .errors import BadImageError, CacheInUseError, CachekitError
 from .models import attnpool_params, dense_and_pooled, encode_templates, load_model, text_classifier
 from .store import ArrayHasher, WriterLock, array_sha256, check_space, os_errors, publish, tmp_path, write_json_atomic
@@ -67,6 +67,7 @@ class ExtractOptions:
     num_shards: int = 1
     shard_index: int = 0
     amp_dtype: str = "float16"  # autocast dtype on CUDA (float16 or bfloat16); CPU runs in float32
+    decode: str = "pil"  # "device": plain-view JPEGs decoded by torchvision.io.decode_jpeg on --device
     # Test hook: stop (as if killed) after this many units were published in this run.
     _stop_after_units: int | None = field(default=None, repr=False)
 
@@ -88,6 +89,8 @@ class ExtractOptions:
                                 "fix: give 0 <= --shard-index < --num-shards")
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise CachekitError(f"--amp-dtype {self.amp_dtype} is not supported; fix: float16 or bfloat16")
+        if self.decode not in ("pil", "device"):
+            raise CachekitError(f"--decode {self.decode} is not supported; fix: pil or device")
         if self.overwrite and self.num_shards > 1:
             raise CachekitError("--overwrite cannot be combined with --num-shards (one shard would wipe the "
                                 "others' work); fix: delete the old cache first, then start the shards")
@@ -104,17 +107,25 @@ def _unit_name(split: str, view: int, start: int) -> str:
 
 
 class _Rows(torch.utils.data.Dataset):
-    """One entry per (image, view); returns (tensor, error reason or '', entry index)."""
+    """One entry per (image, view); returns (tensor, error reason or '', entry index).
 
-    def __init__(self, root: Path, entries: list[tuple[str, int]], plain, aug, aug_seed: int, size: int):
+    With raw_jpeg, a plain view of a JPEG comes back undecoded (a 1-D uint8 tensor of the file's bytes) for
+    `_device_plain` to decode and preprocess on the device."""
+
+    def __init__(self, root: Path, entries: list[tuple[str, int]], plain, aug, aug_seed: int, size: int,
+                 raw_jpeg: bool = False):
         self.root, self.entries, self.plain, self.aug = root, entries, plain, aug
-        self.aug_seed, self.size = aug_seed, size
+        self.aug_seed, self.size, self.raw_jpeg = aug_seed, size, raw_jpeg
 
     def __len__(self):
         return len(self.entries)
 
     def __getitem__(self, i):
         rel, view = self.entries[i]
+        if view == 0 and self.raw_jpeg:
+            data = jpeg_bytes(self.root / rel)
+            if data is not None:
+                return torch.from_numpy(data), "", i
         try:
             img = load_image(self.root / rel)
         except BadImageError as exc:
@@ -175,6 +186,9 @@ def _identity(opts, spec, bundle, templates) -> dict:
         "preprocess": bundle.preprocess_cfg,
         # Mixing batches computed under different arithmetic would make a cache no single run makes.
         "precision": f"amp-{opts.amp_dtype}" if opts.device.startswith("cuda") else "float32",
+        # Device decoding resizes tensors, not PIL images: pixels differ by about one level of 255.
+        **({"decode": f"torchvision.io.decode_jpeg on {opts.device.split(':')[0]}"}
+           if opts.decode == "device" else {}),
     }
 
 
@@ -288,7 +302,12 @@ class _Job:
             # An unfinished run of these very settings is kept, so an interrupted --overwrite resumes.
             shutil.rmtree(parts, ignore_errors=True)
         if out.exists():
-            old = read_identity(out)
+            try:
+                old = read_identity(out)
+            except (CachekitError, KeyError, ValueError) as exc:
+                reason = str(exc).split(";")[0]
+                raise CachekitError(f"--out {out} exists and is not a readable cachekit cache ({reason}); "
+                                    "fix: choose another --out, or pass --overwrite to replace it") from None
             if old != ident:
                 raise CachekitError(f"{out} exists and was built with a different {_mismatch(old, ident)}; "
                                     "fix: choose another --out, or pass --overwrite to rebuild it")
@@ -363,14 +382,45 @@ class _Job:
         return summary
 
 
+def _collate(batch):
+    """Stack the decoded views; a batch holding raw JPEG bytes stays a list (decoded on the device)."""
+    xs, reasons, idx = zip(*batch)
+    x = torch.stack(xs) if all(t.dim() == 3 for t in xs) else list(xs)
+    return x, list(reasons), torch.tensor(idx)
+
+
+def _device_plain(xs: list, plain, device: str, root: Path, entries, idx, reasons: list) -> torch.Tensor:
+    """Decode the raw JPEGs of a batch with torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA, one
+    batched call), then the same plain preprocessing on the device; already decoded views are moved there.
+    A JPEG the device decoder refuses is decoded by Pillow instead (which names it if it is broken)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = [j for j, t in enumerate(xs) if t.dim() == 1]
+    out = list(xs)
+    try:
+        imgs = decode_jpeg([xs[j] for j in raw], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        imgs = [None] * len(raw)
+    for j, img in zip(raw, imgs):
+        if img is None:
+            path = root / entries[int(idx[j])][0]
+            try:
+                out[j] = plain(load_image(path))
+            except BadImageError as exc:
+                out[j], reasons[j] = torch.zeros(3, *plain.size), exc.reason
+            continue
+        out[j] = plain(img)
+    return torch.stack([t.to(device, non_blocking=True) for t in out])
+
+
 def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_images):
     size = bundle.image_size
     pre = bundle.preprocess_cfg
     plain = plain_transform(size, pre["mean"], pre["std"])
     aug = AugmentedView(size, pre["mean"], pre["std"])
-    dataset = _Rows(spec.root, entries, plain, aug, opts.aug_seed, size)
+    dataset = _Rows(spec.root, entries, plain, aug, opts.aug_seed, size, raw_jpeg=opts.decode == "device")
     cuda = opts.device.startswith("cuda")
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[u[4] for u in todo],
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[u[4] for u in todo], collate_fn=_collate,
                                          num_workers=opts.workers, pin_memory=cuda)
     it = iter(loader)  # workers fork here, before the writer thread touches h5py
     dense_dtype = np.dtype(opts.dense_dtype)
@@ -412,6 +462,8 @@ def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_i
             if failure:
                 raise failure[0]
             reasons = list(reasons)
+            if isinstance(x, list):
+                x = _device_plain(x, plain, opts.device, spec.root, entries, _idx, reasons)
             if any(reasons):
                 j = next(i for i, r in enumerate(reasons) if r)
                 path = spec.root / entries[_idx[j]][0]

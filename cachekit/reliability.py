@@ -173,24 +173,7 @@ def read_events(events_dir: Path) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------- #
 # small helpers: trees, HDF5 comparison, the CLI in-process
 # --------------------------------------------------------------------------------------------- #
-_COLORS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 30)]
-
-
-def make_tree(root: Path, classes=3, per_class=8, size=(40, 32), seed=0, ext="png") -> Path:
-    """Class folders of small images (the same recipe as tests/conftest.py)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        d = Path(root) / f"class_{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-            y0, x0 = rng.integers(0, size[1] // 2), rng.integers(0, size[0] // 2)
-            arr[y0:y0 + size[1] // 2, x0:x0 + size[0] // 2] = _COLORS[c % len(_COLORS)]
-            Image.fromarray(arr).save(d / f"img_{i:02d}.{ext}")
-    return Path(root)
+from .synthetic import make_tree  # noqa: E402  (re-exported: the harness builds its trees with it)
 
 
 def h5_contents(path) -> tuple[dict, dict]:
@@ -1592,7 +1575,8 @@ def _foreign_out_case(kind: str):
             return [] if file_sha256(out) == before else [f"{out.name} was modified"]
 
         return Call(["extract", base.tree, *EXTRACT_ARGS, "--out", out],
-                    ("not an HDF5 file",) if kind == "text" else ("not a cachekit cache",), None, check)
+                    ("not an HDF5 file", "--overwrite") if kind == "text" else ("not a cachekit cache", "--overwrite"),
+                    None, check)
 
     return build
 
@@ -1730,6 +1714,11 @@ BAD_CASES: list[BadCase] = [
             _simple(lambda b, d: ["refine", _copy_cache(b, d), "--top-k", str(10 ** 12)], ("1..64",))),
     BadCase("refine-weights", "refine --weights 1 (one number)",
             _simple(lambda b, d: ["refine", _copy_cache(b, d), "--top-k", "4", "--weights", "1"], ("--weights",))),
+    BadCase("refine-weights-nan", "refine --weights nan,1",
+            _simple(lambda b, d: ["refine", _copy_cache(b, d), "--top-k", "4", "--weights", "nan,1"],
+                    ("--weights", "finite"))),
+    BadCase("eval-set-nan", "eval --set ape.weights=[NaN,1]",
+            _simple(lambda b, d: ["eval", b.cache, "--method", "ape", "--set", "ape.weights=[NaN,1]"], ("weights",))),
     BadCase("eval-shots", "eval --shots 7 (not in the cache)",
             _simple(lambda b, d: ["eval", b.cache, "--method", "zeroshot", "--shots", "7"], ("K=7",))),
     BadCase("eval-seeds", "eval --seeds 9 (not in the cache)",

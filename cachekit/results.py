@@ -71,13 +71,15 @@ class ResultStore:
             path=None) -> Path:
         """Store a result atomically; `path` writes it to that file instead of the results folder."""
         final = Path(path) if path is not None else self.path(kind, params)
-        with os_errors(str(final.parent)):
+        where = "--out location" if path is not None else "location for the cache (results go beside it)"
+        with os_errors(str(final.parent), where):
             final.parent.mkdir(parents=True, exist_ok=True)
         # Each result is its own file: the lock only serialises the short write, so wait for it.
-        with WriterLock(final.parent if path is None else final, wait=120):
+        with WriterLock(final.parent if path is None else final, wait=120,
+                        kind="results folder" if path is None else "results file"):
             check_space(final.parent, sum(np.asarray(a).nbytes for a in arrays.values()) + (256 << 10), str(final))
             tmp = tmp_path(final)
-            with os_errors(str(final)):
+            with os_errors(str(final), where):
                 with h5py.File(tmp, "w") as f:
                     for name, arr in arrays.items():
                         f.create_dataset(name, data=np.asarray(arr))

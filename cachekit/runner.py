@@ -4,6 +4,7 @@ This is the only place that joins the cache (files) and the methods (pure tensor
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -83,7 +84,7 @@ def method_params(method: str, overrides: dict | None = None) -> dict:
 
 
 def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_type(method: str, name: str, value, default):

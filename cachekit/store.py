@@ -52,26 +52,27 @@ def write_json_atomic(path: Path, obj):
 
 
 @contextlib.contextmanager
-def os_errors(what: str):
-    """Turn disk-full / permission / read-only errors into one-line CachekitErrors."""
+def os_errors(what: str, where: str = "--out location"):
+    """Turn disk-full / permission / read-only errors into one-line CachekitErrors; `where` names what the
+    user can change (an --out location by default)."""
     try:
         yield
     except RuntimeError as exc:
         # h5py reports a failed flush on close as RuntimeError("... errno = 28 ...")
         if "errno = 28" in str(exc) or "No space left" in str(exc):
             raise CachekitError(f"no space left while writing {what}; fix: free disk space or choose "
-                                "another --out, then rerun the same command to resume") from None
+                                f"another {where}, then rerun the same command to resume") from None
         raise
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.ENOTDIR):
             raise CachekitError(f"cannot write {what}: a path component is a file, not a folder "
-                                f"({exc.filename or what}); fix: choose another --out location") from None
+                                f"({exc.filename or what}); fix: choose another {where}") from None
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CachekitError(f"no space left while writing {what}; fix: free disk space or choose "
-                                "another --out, then rerun the same command to resume") from None
+                                f"another {where}, then rerun the same command to resume") from None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise CachekitError(f"cannot write {what}: {exc.strerror}; fix: choose a writable --out "
-                                "location") from None
+            raise CachekitError(f"cannot write {what}: {exc.strerror}; fix: choose a writable "
+                                f"{where}") from None
         raise
 
 
@@ -91,8 +92,9 @@ class WriterLock:
     drops flock locks when a process dies, so a SIGKILL never leaves a stale lock behind.
     """
 
-    def __init__(self, target: Path, wait: float = 0.0):
+    def __init__(self, target: Path, wait: float = 0.0, kind: str = "cache"):
         self.path = Path(str(target) + ".lock")
+        self.kind = kind  # what the target is, for the message: cache, results folder, results file
         self.fd = None
         self.wait = wait  # seconds to keep retrying (short critical sections, e.g. storing a result)
 
@@ -111,7 +113,7 @@ class WriterLock:
                     continue
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                raise CacheInUseError(f"cache {str(self.path)[:-5]} is in use by PID {holder}; fix: wait for "
+                raise CacheInUseError(f"{self.kind} {str(self.path)[:-5]} is in use by PID {holder}; fix: wait for "
                                       "that command to finish (or stop it) and rerun") from None
         try:
             with os_errors(str(self.path)):

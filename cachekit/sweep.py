@@ -130,7 +130,7 @@ def sweep(cache: Cache, grid: dict, out, progress: bool = False) -> dict:
     build = ResultStore(cache).build
     with os_errors(str(out)):
         out.parent.mkdir(parents=True, exist_ok=True)
-    with WriterLock(out):
+    with WriterLock(out, kind="results file"):
         done = _existing(out)
         todo = [r for r in rows if row_key(r, build) not in done]
         records = []

@@ -172,6 +172,8 @@ def safe_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
 @click.option("--views", default=0, type=click.IntRange(min=0), help="Augmented views per train image.")
 @click.option("--classes", default=4, type=click.IntRange(min=1))
 @click.option("--image-size", default="500,375", callback=_pair, help="JPEG width,height.")
+@click.option("--decode", default="pil", type=click.Choice(["pil", "device", "both"]),
+              help="JPEG decoding of the timed extract (extract --decode); both: time each, one run.")
 @click.option("--seed", default=0, type=int)
 @_common
 @friendly

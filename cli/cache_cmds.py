@@ -26,6 +26,10 @@ from .common import CONTEXT, emit_json, friendly, int_list, note, table
 @click.option("--dense-dtype", default="float16", type=click.Choice(["float16", "float32"]))
 @click.option("--amp-dtype", default="float16", type=click.Choice(["float16", "bfloat16"]),
               help="Autocast dtype on CUDA (CPU always runs float32).")
+@click.option("--decode", default="pil", type=click.Choice(["pil", "device"]),
+              help="device: decode the JPEGs of the plain view (val, test, train view 0) with "
+                   "torchvision.io.decode_jpeg on --device (nvJPEG on CUDA) and preprocess them there; "
+                   "other files and the augmented views use Pillow. Pixels differ from pil by about 1/255.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in the cache and continue.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache or unfinished run and start afresh.")
 @click.option("--init-seed", default=0, type=int, help="Seed of the random init when no --pretrained.")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -37,6 +38,8 @@ def refine(cache, top_k, k, seed, weights, text_only, as_json):
 
     if len(weights) != 2:
         raise CachekitError(f"--weights needs two numbers w0,w1, got {len(weights)}; fix: e.g. --weights 0.5,0.5")
+    if not all(math.isfinite(w) for w in weights):
+        raise CachekitError(f"--weights {weights[0]},{weights[1]} must be finite numbers; fix: e.g. --weights 0.5,0.5")
     with open_cache(cache) as c:
         k = max(c.shots) if k is None else k
         seed = c.seeds[0] if seed is None else seed

@@ -136,9 +136,10 @@ def test_bench_safe(tmp_path):
 
 def test_bench_extract(tmp_path):
     res = B.bench_extract(model="RN-tiny", images=4, batch_size=2, classes=2, image_size=(48, 40), threads=1,
-                          workdir=tmp_path)
-    check_common(res, "extract", {"extract_over_bare", "extract_without_model_build_over_bare"})
-    assert res["setup"]["encoded_images"] == 4
+                          decode="both", workdir=tmp_path)
+    check_common(res, "extract", {"extract_over_bare", "extract_without_model_build_over_bare",
+                                  "extract_device_decode_over_bare"})
+    assert res["setup"]["encoded_images"] == 4 and set(res["extract"]["by_decode"]) == {"pil", "device"}
 
 
 def test_cuda_refused_without_gpu():

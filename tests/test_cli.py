@@ -240,3 +240,27 @@ def test_runner_reuses_an_ape_search_only_for_the_same_channels(tiny_cache):
     for key in ("metrics", "params"):
         assert second[key] == fresh[key] == first[key]
         assert other[key] == fresh_other[key]
+
+
+def test_lock_and_write_errors_name_what_they_are(cache_copy, tmp_path):
+    import errno
+
+    from cachekit.errors import CacheInUseError, CachekitError
+    from cachekit.store import WriterLock, os_errors
+
+    out = tmp_path / "rows.jsonl"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("methods:\n  zeroshot: {}\nshots: [1]\nseeds: [1]\n")
+    with WriterLock(out, kind="results file"):
+        one_line_error(run("sweep", cache_copy, "--grid", grid, "--out", out), "results file", "in use by PID")
+        with pytest.raises(CacheInUseError, match=r"^cache .* in use by PID"):
+            with WriterLock(out):
+                pass
+    assert run("sweep", cache_copy, "--grid", grid, "--out", out).exit_code == 0
+    # Results of refine / fit-safe go beside the cache: the hint says so instead of naming an --out.
+    with pytest.raises(CachekitError, match="choose a writable location for the cache"):
+        with os_errors("x", "location for the cache (results go beside it)"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    with pytest.raises(CachekitError, match="choose a writable --out location"):
+        with os_errors("x"):
+            raise PermissionError(errno.EACCES, "Permission denied")

@@ -270,3 +270,63 @@ def test_eval_marks_val_equal_test(tmp_path):
     assert recs and all(r["selection"] == "val (val and test are the same data)" for r in recs)
     res = CliRunner().invoke(cli, ["eval", str(out), "--method", "zeroshot"])
     assert "same data" in res.stderr and "same data" in res.stdout
+
+
+def test_device_jpeg_decoding(tmp_path):
+    """--decode device: plain-view JPEGs decoded by torchvision.io.decode_jpeg (here on the CPU, the same call
+    nvJPEG serves on CUDA) and preprocessed as tensors; the cache holds exactly the model's output on those
+    tensors, pixels stay within half a level of 255 of the Pillow path on average, PNG / CMYK JPEG / truncated JPEG take
+    the Pillow path, augmented views do not change, and the decode path is part of the cache identity."""
+    from PIL import Image
+
+    from cachekit.augment import plain_transform
+    from cachekit.data import load_image
+    from cachekit.extract import _device_plain
+    from cachekit.models import dense_and_pooled, load_model
+
+    tree = make_tree(tmp_path / "data", classes=3, per_class=6, size=(53, 41), ext="jpg")
+    make_tree(tmp_path / "png", classes=1, per_class=1, size=(30, 30), seed=3)
+    os.replace(tmp_path / "png" / "class_0" / "img_00.png", tree / "class_1" / "zz_png.png")
+    Image.open(tree / "class_2" / "img_00.jpg").convert("CMYK").save(tree / "class_2" / "zz_cmyk.jpg")
+    pil_out, dev_out = tmp_path / "pil.h5", tmp_path / "dev.h5"
+    extract(extract_opts(tree, pil_out, views=1))
+    extract(extract_opts(tree, dev_out, views=1, decode="device"))
+
+    bundle = load_model("RN-tiny", None, init_seed=0)
+    pre = bundle.preprocess_cfg
+    plain = plain_transform(bundle.image_size, pre["mean"], pre["std"])
+    level = 1 / 255 / min(pre["std"])  # one level of 255 in normalised units
+    with open_cache(pil_out) as a, open_cache(dev_out) as b:
+        assert "decode" not in a.meta["identity"] and "decode_jpeg on cpu" in b.meta["identity"]["decode"]
+        for split in ("val", "test"):
+            paths = b.paths(split)
+            entries = [(p, 0) for p in paths]
+            raw = [torch.from_numpy(np.fromfile(tree / p, dtype=np.uint8)) if p.endswith(".jpg") and "cmyk" not in p
+                   else plain(load_image(tree / p)) for p in paths]
+            reasons = [""] * len(paths)
+            x = _device_plain(raw, plain, "cpu", tree, entries, torch.arange(len(paths)), reasons)
+            ref = torch.stack([plain(load_image(tree / p)) for p in paths])
+            diff = (x - ref).abs().amax(dim=(1, 2, 3))
+            mean = (x - ref).abs().mean(dim=(1, 2, 3))
+            # Resized as tensors, not PIL images: not bit-equal; a fifth of a level on average, a few
+            # levels at most where Pillow clamps between its two passes (noise images, upscaled here).
+            assert 0 < diff.max() <= 16 * level and mean.max() <= 0.5 * level
+            for p, d in zip(paths, diff):
+                if not p.endswith(".jpg") or "cmyk" in p:
+                    assert d == 0  # Pillow path
+            with torch.no_grad():
+                fresh = bundle.model.encode_image(x)
+                dense, _ = dense_and_pooled(bundle.visual, x)
+            rows = np.arange(len(paths))
+            assert _rel(b.pooled(split), fresh) < 1e-5
+            # The dense maps tell the two paths apart (random-init pooled features barely depend on pixels).
+            assert _rel(b.dense(split, rows), dense) < 1e-5 < 1e-4 < _rel(a.dense(split, rows), dense)
+        for view in (1,):  # augmented views never take the device path
+            assert torch.equal(a.pooled("train", view=view), b.pooled("train", view=view))
+    with pytest.raises(CachekitError, match="decode"):
+        extract(extract_opts(tree, pil_out, views=1, decode="device"))
+    # A truncated JPEG: Pillow names it, with or without device decoding.
+    data = (tree / "class_0" / "img_01.jpg").read_bytes()
+    (tree / "class_0" / "img_01.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CachekitError, match="img_01.jpg.*truncated"):
+        extract(extract_opts(tree, tmp_path / "bad.h5", views=1, decode="device"))
