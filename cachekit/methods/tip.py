@@ -217,12 +217,17 @@ class LinearArgmaxCounter:
         k_true = k_flat.index_select(0, self.y_flat)  # (R,)
         kd = torch.sub(k.view(C, self.M, self.G), k_true.view(1, self.M, self.G), out=self._kd)
         cand = torch.ge(kd, self.theta, out=self._mask)
-        sure_wrong = kd.sub_(self.phi).amax(dim=0).view(R) > 0  # some class beats y by the margin at every alpha
-        cand = cand.view(C, R)
-        cand &= ~sure_wrong
         f = torch.nonzero(cand.view(-1)).squeeze(1)
         c, r = f // R, f % R
         m = r // self.G
+        # A class above phi beats y by the margin at every alpha (it is a candidate too, phi >= theta): its
+        # column is wrong everywhere, and that column's other pairs need no exact check.
+        kd_f = kd.view(-1).index_select(0, f)
+        beats_all = kd_f > self.phi.view(-1).index_select(0, c * self.M + m)
+        sure_wrong = torch.zeros(R, dtype=torch.bool, device=k.device)
+        sure_wrong[r[beats_all]] = True
+        keep = ~sure_wrong.index_select(0, r)
+        f, c, r, m = f[keep], c[keep], r[keep], m[keep]
         t = self.y_rows.index_select(0, r)
         prefix, suffix, extra = pair_wrong(
             self.z_flat.index_select(0, c * self.M + m), k_flat.index_select(0, f),
