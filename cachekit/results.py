@@ -76,7 +76,7 @@ class ResultStore:
             final.parent.mkdir(parents=True, exist_ok=True)
         # Each result is its own file: the lock only serialises the short write, so wait for it.
         with WriterLock(final.parent if path is None else final, wait=120,
-                        kind="results folder" if path is None else "results file"):
+                        kind="results folder" if path is None else "results file", where=where):
             check_space(final.parent, sum(np.asarray(a).nbytes for a in arrays.values()) + (256 << 10), str(final))
             tmp = tmp_path(final)
             with os_errors(str(final), where):

@@ -92,14 +92,15 @@ class WriterLock:
     drops flock locks when a process dies, so a SIGKILL never leaves a stale lock behind.
     """
 
-    def __init__(self, target: Path, wait: float = 0.0, kind: str = "cache"):
+    def __init__(self, target: Path, wait: float = 0.0, kind: str = "cache", where: str = "--out location"):
         self.path = Path(str(target) + ".lock")
         self.kind = kind  # what the target is, for the message: cache, results folder, results file
+        self.where = where  # what to change when the lock file cannot be written (see os_errors)
         self.fd = None
         self.wait = wait  # seconds to keep retrying (short critical sections, e.g. storing a result)
 
     def __enter__(self):
-        with os_errors(str(self.path)):
+        with os_errors(str(self.path), self.where):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.wait
@@ -116,7 +117,7 @@ class WriterLock:
                 raise CacheInUseError(f"{self.kind} {str(self.path)[:-5]} is in use by PID {holder}; fix: wait for "
                                       "that command to finish (or stop it) and rerun") from None
         try:
-            with os_errors(str(self.path)):
+            with os_errors(str(self.path), self.where):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, str(os.getpid()).encode(), 0)
         except BaseException:

@@ -238,6 +238,39 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, tree):
     assert not (tmp_path / "dist.h5.parts").exists()
 
 
+def test_torchrun_killed_then_rerun_equals_single_process(tmp_path, tree):
+    """Every torchrun rank SIGKILLed part-way (a lost node), then the same torchrun command again: it resumes
+    from the published segments and the cache equals a single-process run."""
+    import shutil as _sh
+
+    ref = tmp_path / "ref.h5"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract(extract_opts(tree, ref, batch_size=2))
+    finally:
+        torch.set_num_threads(threads)
+    out, parts = tmp_path / "dist.h5", tmp_path / "dist.h5.parts"
+    torchrun = _sh.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "cachekit", "extract", str(tree),
+           "--model", "RN-tiny", "--shots", "1,2", "--seeds", "1,2", "--views", "2", "--batch-size", "2",
+           "--dense-dtype", "float32", "--out", str(out), "-q"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, env=dict(env, CACHEKIT_UNIT_DELAY="0.3"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(parts.glob("seg-*.h5"))) < 4:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    p.wait()
+    n_before = len(list(parts.glob("seg-*.h5")))
+    assert n_before >= 4 and not out.exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_same_arrays(ref, out)
+    assert not parts.exists()
+
+
 def test_manual_shards_last_one_assembles(tmp_path, tree):
     ref = tmp_path / "ref.h5"
     extract(extract_opts(tree, ref))
