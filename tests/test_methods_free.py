@@ -577,3 +577,15 @@ def test_merge_lets_non_none_overrides_win():
     assert base["q_ape"] == 400  # inputs untouched
     merged["templates"].append("x")
     assert presets.get_preset("dtd")["templates"] == ["{} texture."]
+
+
+def test_count_correct_edge_inputs():
+    """Subnormal values (the relative margin underflows: a floor keeps it), mixed dtypes refused, G = 0."""
+    z = torch.tensor([[-5.605193857299268e-45, -1.2611686178923354e-44, 0.0]])
+    k = torch.tensor([[[-1.8216880036222622e-44, -5.605193857299268e-45, -1.961817850054744e-44]]])
+    y, al = torch.tensor([2]), torch.tensor([0.8531993627548218])
+    literal = int(((z + al[0] * k[0]).argmax(1) == y).sum())
+    assert literal == 0 and tip.count_correct(z, k, y, al).item() == literal
+    with pytest.raises(CachekitError, match="one floating dtype"):
+        tip.count_correct(z.double(), k, y, al)
+    assert tip.count_correct(z, k[:0], y, al).shape == (0, 1)

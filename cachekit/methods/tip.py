@@ -185,7 +185,9 @@ class LinearArgmaxCounter:
             raise CachekitError(f"k_scale has {k_scale.numel()} values for {self.R} columns; "
                                 "fix: pass one bound per column (M * G)")
         lo, hi = float(self.al[0]), float(self.al[-1])
-        self.tol_col = self.rel * (self.zmax.repeat_interleave(self.G) + hi * k_scale)  # (R,)
+        # The floor keeps a margin when every value is subnormal (the relative one would underflow).
+        self.tol_col = (self.rel * (self.zmax.repeat_interleave(self.G) + hi * k_scale)
+                        + torch.finfo(self.zmax.dtype).tiny)  # (R,)
         self.tol = self.tol_col.view(self.M, self.G).amax(dim=1)  # (M,)
         inf = float("inf")
 
@@ -272,14 +274,19 @@ def count_correct(z: torch.Tensor, k: torch.Tensor, labels: torch.Tensor,
                   alphas: torch.Tensor) -> torch.Tensor:
     """Correct-prediction counts of the logits z + alpha * k[g], for every g and every alpha at once.
 
-    z (M, C), k (G, M, C), labels (M,), alphas (A,) >= 0 -> LongTensor (G, A) with
-    out[g, a] = sum_m [argmax_c(z[m] + alphas[a] * k[g, m]) == labels[m]] (argmax = first maximum),
-    exactly as the literal evaluation gives it (see LinearArgmaxCounter).
+    z (M, C), k (G, M, C), labels (M,), alphas (A,) >= 0, all of one floating dtype -> LongTensor (G, A)
+    with out[g, a] = sum_m [argmax_c(z[m] + alphas[a] * k[g, m]) == labels[m]] (argmax = first maximum),
+    exactly as the literal evaluation in that dtype gives it (see LinearArgmaxCounter).
     """
     if z.dim() != 2 or k.dim() != 3 or k.shape[1:] != z.shape:
         raise CachekitError(f"count_correct: z {tuple(z.shape)} and k {tuple(k.shape)} do not match; "
                             "fix: pass z (M, C) and k (G, M, C)")
+    if not (z.dtype == k.dtype == alphas.dtype) or not z.is_floating_point():
+        raise CachekitError(f"count_correct: z, k and alphas are {z.dtype}, {k.dtype}, {alphas.dtype}; "
+                            "fix: pass them in one floating dtype (the literal logits are computed in it)")
     G, M, C = k.shape
+    if G == 0:
+        return torch.zeros(0, alphas.numel(), dtype=torch.long)
     kk = k.permute(2, 1, 0).reshape(C, M * G)  # column m * G + g
     counter = LinearArgmaxCounter(z, labels, alphas, G, kk.abs().amax(dim=0))
     return counter.count(kk)
