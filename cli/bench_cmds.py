@@ -116,7 +116,8 @@ def refine_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
 @friendly
 def grid_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
     """(a) Tip/APE configurations on one cache vs re-extracting per configuration; (b) vectorised APE
-    search vs a naive per-point loop."""
+    search vs a naive per-point loop; (c) a 100-configuration APE sweep grid (Q x weights) vs
+    re-extracting per configuration."""
     from cachekit.bench import bench_grid
 
     _finish(bench_grid(**kw), as_json, out_path, write_docs, docs_path, docs_section)
