@@ -50,7 +50,7 @@ def logits(f: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor, k
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _check_one_hot(L: torch.Tensor, key_labels: torch.Tensor, C: int) -> torch.Tensor:
+def check_one_hot(L: torch.Tensor, key_labels: torch.Tensor, C: int) -> torch.Tensor:
     y = key_labels.reshape(-1).long()
     if L.dim() != 2 or L.shape != (y.numel(), C):
         raise CachekitError(f"cache values L {tuple(L.shape)} do not match {y.numel()} key labels and C={C} "
@@ -126,7 +126,7 @@ def grid_counts(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: to
     """
     betas, alphas, gammas = beta_grid(s[0], n[0]), alpha_grid(s[1], n[1]), gamma_grid(s[2], n[2])
     C = W.shape[0]
-    y_keys = _check_one_hot(L, key_labels, C)
+    y_keys = check_one_hot(L, key_labels, C)
     dt, dev = val_f.dtype, val_f.device
     F_r, W_r = refine(F, idx), refine(W, idx)
     div = kl_divergence_bits(F_r, W_r, y_keys)  # (N,)

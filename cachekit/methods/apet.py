@@ -16,22 +16,22 @@ Pure tensor functions: no files, no printing; progress goes through an optional 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ..errors import CachekitError
-from . import refine, tip
+from . import ape, refine, tip
 from .base import Selection
-from .tipf import check_common, check_inputs, config_from_dict, train_loop
+from .tipf import AdapterConfig, check_inputs, train_loop
 
 #: (w0, w1) of the text-only channel criterion used by APE-T (authors' configs: w_training).
 DEFAULT_WEIGHTS = (0.2, 0.8)
 
 
 @dataclass
-class APETConfig:
+class APETConfig(AdapterConfig):
     """APE-T training settings (defaults: the released configs; see docs/methods-trained-adapters.md).
 
     normalize: re-L2-normalise W~ and F~ rows after adding the residual (the released code does not).
@@ -50,15 +50,10 @@ class APETConfig:
     seed: int = 1
     device: str = "cpu"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "APETConfig":
-        return config_from_dict(cls, d, "APE-T")
+    LABEL = "APE-T"
 
     def validate(self) -> "APETConfig":
-        check_common(self, "APE-T")
+        super().validate()
         if not isinstance(self.normalize, bool):
             raise CachekitError(f"APE-T setting normalize={self.normalize!r} is invalid; fix: use true or false")
         return self
@@ -89,13 +84,7 @@ def _check_keys(L: torch.Tensor, key_labels, C: int) -> torch.Tensor:
     if y.dim() != 1 or y.numel() != L.shape[0] or y.is_floating_point():
         raise CachekitError(f"key labels have shape {tuple(y.shape)}, expected ({L.shape[0]},) integers; "
                             "fix: pass one class id per cache key")
-    y = y.long().to(L.device)
-    if int(y.min()) < 0 or int(y.max()) >= C:
-        raise CachekitError(f"key labels must lie in 0..{C - 1}; fix: use 0-based labels matching W")
-    if not torch.equal(L, torch.nn.functional.one_hot(y, C).to(L.dtype)):
-        raise CachekitError("cache values L are not the one-hot of key_labels; "
-                            "fix: pass L = one_hot(key_labels, C) as float")
-    return y
+    return ape.check_one_hot(L, y.long().to(L.device), C)
 
 
 def adapted(W: torch.Tensor, F: torch.Tensor, L: torch.Tensor, key_labels: torch.Tensor, idx: torch.Tensor,

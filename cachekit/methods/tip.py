@@ -121,14 +121,6 @@ def pair_wrong(zc: torch.Tensor, kc: torch.Tensor, zt: torch.Tensor, kt: torch.T
     return prefix, suffix, torch.cat(extra)
 
 
-def wrong_matrix(prefix: torch.Tensor, suffix: torch.Tensor, extra: torch.Tensor, A: int) -> torch.Tensor:
-    """bool (n_rows, A) from pair_wrong's (prefix, suffix, extra)."""
-    a_idx = torch.arange(A, device=prefix.device)
-    wrong = (a_idx >= suffix.unsqueeze(1)) | (a_idx < prefix.unsqueeze(1))
-    wrong.view(-1)[extra] = True
-    return wrong
-
-
 class LinearArgmaxCounter:
     """Exact correct counts of argmax_c(z[m] + alpha * k[m, c]) for every alpha, for many cache terms k.
 
@@ -160,7 +152,6 @@ class LinearArgmaxCounter:
         self.M, self.G, self.C, self.R = M, G, C, M * G
         zt = z.t().contiguous()  # (C, M)
         self.z_flat = zt.view(-1)  # index c * M + m
-        self.y = y
         self.y_rows = y.repeat_interleave(G)
         self.y_flat = self.y_rows * self.R + torch.arange(self.R, device=z.device)  # (y_r, r) in (C, R)
         self.zmax = z.abs().amax(dim=1)  # (M,)
@@ -170,7 +161,7 @@ class LinearArgmaxCounter:
         self.rel = 256 * torch.finfo(z.dtype).eps
         self._kd = torch.empty(C, M, G, dtype=z.dtype, device=z.device)
         self._mask = torch.empty(C, M, G, dtype=torch.bool, device=z.device)
-        self.theta = self.phi = self.tol = None
+        self.theta = self.phi = self.tol_col = None
         if k_scale is not None:
             self.set_scale(k_scale)
 
@@ -188,7 +179,7 @@ class LinearArgmaxCounter:
         # The floor keeps a margin when every value is subnormal (the relative one would underflow).
         self.tol_col = (self.rel * (self.zmax.repeat_interleave(self.G) + hi * k_scale)
                         + torch.finfo(self.zmax.dtype).tiny)  # (R,)
-        self.tol = self.tol_col.view(self.M, self.G).amax(dim=1)  # (M,)
+        tol = self.tol_col.view(self.M, self.G).amax(dim=1)  # (M,)
         inf = float("inf")
 
         def ratio(num, a):  # the smallest kd with a * kd >= num, for a >= 0
@@ -196,9 +187,9 @@ class LinearArgmaxCounter:
                 return num / a
             return torch.where(num <= 0, torch.full_like(num, -inf), torch.full_like(num, inf))
 
-        need = -self.tol - self.zd  # c reaches y at alpha iff alpha * kd >= need
+        need = -tol - self.zd  # c reaches y at alpha iff alpha * kd >= need
         self.theta = torch.minimum(ratio(need, lo), ratio(need, hi)).unsqueeze(2)  # (C, M, 1)
-        over = self.tol - self.zd  # c beats y at alpha iff alpha * kd > over
+        over = tol - self.zd  # c beats y at alpha iff alpha * kd > over
         if lo > 0:
             phi = torch.maximum(over / lo, over / hi)
         else:
@@ -236,13 +227,6 @@ class LinearArgmaxCounter:
             self.z_flat.index_select(0, t * self.M + m), k_true.index_select(0, r),
             c, t, r, R, self.al, self.tol_col.index_select(0, r))
         return prefix, suffix, extra, sure_wrong
-
-    def correct(self, k: torch.Tensor) -> torch.Tensor:
-        """bool (R, A), alphas in ascending order: is column r classified correctly at alpha_a."""
-        prefix, suffix, extra, sure_wrong = self._wrong(k)
-        wrong = wrong_matrix(prefix, suffix, extra, self.A)
-        wrong |= sure_wrong.unsqueeze(1)
-        return ~wrong
 
     def count(self, k: torch.Tensor) -> torch.Tensor:
         """LongTensor (G, A), alphas in the caller's order: correct samples per cache variant and alpha.

@@ -81,6 +81,23 @@ def config_from_dict(cls, d: Mapping, what: str):
     return cfg
 
 
+class AdapterConfig:
+    """What the Tip-F and APE-T config dataclasses share; a subclass names itself in LABEL (messages)."""
+
+    LABEL = "adapter"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping):
+        return config_from_dict(cls, d, cls.LABEL)
+
+    def validate(self):
+        check_common(self, self.LABEL)
+        return self
+
+
 def _labels(y, C: int, n: int, what: str) -> torch.Tensor:
     y = torch.as_tensor(y)
     if y.dim() != 1 or y.numel() != n:
@@ -116,7 +133,7 @@ def check_inputs(X, y, W, F, L, val_f, val_y) -> tuple[torch.Tensor, torch.Tenso
 
 # ----------------------------------------------------------------------------------------------- config
 @dataclass
-class TipFConfig:
+class TipFConfig(AdapterConfig):
     """Tip-Adapter-F training settings (defaults: the released code; see docs/methods-trained-adapters.md).
 
     weight_decay 0.01 is torch's AdamW default, which the released code uses implicitly (it passes none).
@@ -134,16 +151,7 @@ class TipFConfig:
     seed: int = 1
     device: str = "cpu"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "TipFConfig":
-        return config_from_dict(cls, d, "Tip-Adapter-F")
-
-    def validate(self) -> "TipFConfig":
-        check_common(self, "Tip-Adapter-F")
-        return self
+    LABEL = "Tip-Adapter-F"
 
 
 # ----------------------------------------------------------------------------------------------- training
