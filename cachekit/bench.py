@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import CachekitError
+from .store import os_errors
 
 BENCHES = ("refine", "grid", "io", "safe", "extract")
 DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -539,6 +540,8 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
 
         t_sweep, _ = _timed(sweep_c)
         n_searched = len(searches)
+        t_authors_c = len(ape_cfgs) * t_extract + t_sweep  # re-extract per configuration, same searches
+        ratio_c = t_authors_c / (t_extract + t_sweep)
 
     res["cache"] = {"model": model, "random_weights": True, "classes": classes, "shots": shots, "views": views,
                     "val": val, "embed_dim": D, "encoded_images": n_encoded, "extract_summary_images":
@@ -560,14 +563,14 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
         "configs": [{"top_k": q, "weights": list(w)} for q, w in ape_cfgs], "seconds": t_sweep,
         "searches_run": n_searched, "searches_reused": len(ape_cfgs) - n_searched,
         "seconds_per_config": t_sweep / len(ape_cfgs),
-        "seconds_authors_computed": len(ape_cfgs) * t_extract + t_sweep,
+        "seconds_authors_computed": t_authors_c,
     }
     res["extrapolated"] = naive_extrapolated
     res["ratios"] = {
         "pipeline_total": authors_total / cached_total,
         "per_extra_config": (t_extract + mean_run) / mean_run,
         "ape_search_naive_over_vectorised": t_naive / t_vec,
-        "ape_sweep_vs_reextract": (len(ape_cfgs) * t_extract + t_sweep) / (t_extract + t_sweep),
+        "ape_sweep_vs_reextract": ratio_c,
     }
     res["headline"] = "pipeline_total"
     res["extrapolated_ratios"] = ["ape_search_naive_over_vectorised"] if naive_extrapolated else []
@@ -601,8 +604,8 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
              f"({n_searched} distinct channel sets searched, {len(ape_cfgs) - n_searched} reused)",
              f"**{_fmt_s(t_sweep)}** ({_fmt_s(t_sweep / len(ape_cfgs))} per configuration)", "1×"],
             [f"(c) the same grid re-extracting per configuration: {len(ape_cfgs)} x the (a) extract + the same "
-             f"searches (computed)", _fmt_s(len(ape_cfgs) * t_extract + t_sweep) + " vs one extract + grid "
-             + _fmt_s(t_extract + t_sweep), _fmt_x((len(ape_cfgs) * t_extract + t_sweep) / (t_extract + t_sweep))],
+             f"searches (computed)", _fmt_s(t_authors_c) + " vs one extract + grid " + _fmt_s(t_extract + t_sweep),
+             _fmt_x(ratio_c)],
         ],
     }
     res["notes"] = [
@@ -1179,6 +1182,7 @@ def write_docs_section(res: dict, path=None) -> Path:
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     new = replace_section(text, res.get("docs_section") or res["bench"], render_markdown(res))
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
+    with os_errors(str(path), "--docs path"):
+        tmp.write_text(new, encoding="utf-8")
+        os.replace(tmp, path)
     return path

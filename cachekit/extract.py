@@ -126,12 +126,16 @@ class _Rows(torch.utils.data.Dataset):
             data = jpeg_bytes(self.root / rel)
             if data is not None:
                 return torch.from_numpy(data), "", i
+        return (*self.decoded(i), i)
+
+    def decoded(self, i) -> tuple[torch.Tensor, str]:
+        """Entry i decoded by Pillow and transformed: (tensor, ''), or (zeros, reason) for a bad image."""
+        rel, view = self.entries[i]
         try:
             img = load_image(self.root / rel)
         except BadImageError as exc:
-            return torch.zeros(3, self.size, self.size), exc.reason, i
-        x = self.plain(img) if view == 0 else self.aug(img, self.aug_seed, rel, view)
-        return x, "", i
+            return torch.zeros(3, self.size, self.size), exc.reason
+        return (self.plain(img) if view == 0 else self.aug(img, self.aug_seed, rel, view)), ""
 
 
 def _sample_sets(spec, opts: ExtractOptions, progress: bool):
@@ -186,7 +190,7 @@ def _identity(opts, spec, bundle, templates) -> dict:
         "preprocess": bundle.preprocess_cfg,
         # Mixing batches computed under different arithmetic would make a cache no single run makes.
         "precision": f"amp-{opts.amp_dtype}" if opts.device.startswith("cuda") else "float32",
-        # Device decoding resizes tensors, not PIL images: pixels differ by about one level of 255.
+        # Device decoding resizes tensors, not PIL images: pixels differ (a fifth of a level of 255 on average).
         **({"decode": f"torchvision.io.decode_jpeg on {opts.device.split(':')[0]}"}
            if opts.decode == "device" else {}),
     }
@@ -389,27 +393,20 @@ def _collate(batch):
     return x, list(reasons), torch.tensor(idx)
 
 
-def _device_plain(xs: list, plain, device: str, root: Path, entries, idx, reasons: list) -> torch.Tensor:
+def _device_plain(xs: list, rows: _Rows, device: str, idx, reasons: list) -> torch.Tensor:
     """Decode the raw JPEGs of a batch with torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA, one
     batched call), then the same plain preprocessing on the device; already decoded views are moved there.
-    A JPEG the device decoder refuses is decoded by Pillow instead (which names it if it is broken)."""
+    If the device decoder refuses the batch, its JPEGs are decoded by Pillow instead (which names a broken one)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     raw = [j for j, t in enumerate(xs) if t.dim() == 1]
     out = list(xs)
     try:
-        imgs = decode_jpeg([xs[j] for j in raw], mode=ImageReadMode.RGB, device=device)
+        for j, img in zip(raw, decode_jpeg([xs[j] for j in raw], mode=ImageReadMode.RGB, device=device)):
+            out[j] = rows.plain(img)
     except RuntimeError:
-        imgs = [None] * len(raw)
-    for j, img in zip(raw, imgs):
-        if img is None:
-            path = root / entries[int(idx[j])][0]
-            try:
-                out[j] = plain(load_image(path))
-            except BadImageError as exc:
-                out[j], reasons[j] = torch.zeros(3, *plain.size), exc.reason
-            continue
-        out[j] = plain(img)
+        for j in raw:
+            out[j], reasons[j] = rows.decoded(int(idx[j]))
     return torch.stack([t.to(device, non_blocking=True) for t in out])
 
 
@@ -463,7 +460,7 @@ def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_i
                 raise failure[0]
             reasons = list(reasons)
             if isinstance(x, list):
-                x = _device_plain(x, plain, opts.device, spec.root, entries, _idx, reasons)
+                x = _device_plain(x, dataset, opts.device, _idx, reasons)
             if any(reasons):
                 j = next(i for i, r in enumerate(reasons) if r)
                 path = spec.root / entries[_idx[j]][0]

@@ -533,7 +533,15 @@ class Extract(Command):
 
 
 class _ResultCommand(Command):
+    """A command that stores a result next to a copy of the base cache (refine, fit-safe)."""
+
     kind = ""
+    args: list = []  # the command's options after the cache path
+
+    def workspace(self, d):
+        d = Path(d)
+        cache = _copy_cache(self.base, d)
+        return Workspace(d, d / "events", cache, [self.name, str(cache), *self.args])
 
     def state(self, ws):
         entries, _ = _results_view(ws.target)
@@ -572,11 +580,7 @@ class Refine(_ResultCommand):
     name = "refine"
     kind = "refine"
     phases = ("before-rename", "after-rename")
-
-    def workspace(self, d):
-        d = Path(d)
-        cache = _copy_cache(self.base, d)
-        return Workspace(d, d / "events", cache, ["refine", str(cache), *REFINE_ARGS])
+    args = REFINE_ARGS
 
     def env(self, ws, phase):
         key = "CACHEKIT_FAULT_PAUSE_BEFORE" if phase == "before-rename" else "CACHEKIT_FAULT_PAUSE_AFTER"
@@ -593,11 +597,7 @@ class FitSafe(_ResultCommand):
     name = "fit-safe"
     kind = "safe"
     phases = ("train", "before-rename")
-
-    def workspace(self, d):
-        d = Path(d)
-        cache = _copy_cache(self.base, d)
-        return Workspace(d, d / "events", cache, ["fit-safe", str(cache), *SAFE_ARGS])
+    args = SAFE_ARGS
 
     def env(self, ws, phase):
         extra = {"CACHEKIT_FAULT_EPOCH_DELAY": EPOCH_DELAY}

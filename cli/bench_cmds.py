@@ -1,6 +1,7 @@
 """bench: speed ratios against a baseline measured in the same run (library: cachekit.bench)."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -24,32 +25,40 @@ def _pair(ctx, param, value):
 
 
 def _common(fn):
-    """Output options shared by every bench subcommand."""
-    fn = click.option("--docs-section", default=None,
-                      help="Name of the section --write-docs replaces (default: the benchmark's name), to keep "
-                           "runs at several sizes side by side.")(fn)
-    fn = click.option("--docs", "docs_path", type=click.Path(dir_okay=False), default=None,
-                      help="Benchmarks document to update with --write-docs (default: docs/benchmarks.md).")(fn)
-    fn = click.option("--write-docs", is_flag=True,
-                      help="Replace this benchmark's section (between its markers) in docs/benchmarks.md.")(fn)
-    fn = click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
-                      help="Save the JSON result to this file.")(fn)
-    fn = click.option("--json", "as_json", is_flag=True, help="Print the JSON result on stdout.")(fn)
-    fn = click.option("--threads", type=click.IntRange(min=1), default=None,
-                      help="torch threads for the run (default: torch's own). 1 is steadier on a shared machine.")(fn)
-    return fn
+    """Output options shared by every bench subcommand; the command returns its result, this prints it."""
+
+    @friendly
+    @functools.wraps(fn)
+    def run(as_json, out_path, write_docs, docs_path, docs_section, **kw):
+        _finish(fn(**kw), as_json, out_path, write_docs, docs_path, docs_section)
+
+    run = click.option("--docs-section", default=None,
+                       help="Name of the section --write-docs replaces (default: the benchmark's name), to keep "
+                            "runs at several sizes side by side.")(run)
+    run = click.option("--docs", "docs_path", type=click.Path(dir_okay=False), default=None,
+                       help="Benchmarks document to update with --write-docs (default: docs/benchmarks.md).")(run)
+    run = click.option("--write-docs", is_flag=True,
+                       help="Replace this benchmark's section (between its markers) in docs/benchmarks.md.")(run)
+    run = click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+                       help="Save the JSON result to this file.")(run)
+    run = click.option("--json", "as_json", is_flag=True, help="Print the JSON result on stdout.")(run)
+    run = click.option("--threads", type=click.IntRange(min=1), default=None,
+                       help="torch threads for the run (default: torch's own). 1 is steadier on a shared machine.")(run)
+    return run
 
 
 def _finish(res: dict, as_json: bool, out_path, write_docs: bool, docs_path, docs_section=None):
     from cachekit.bench import write_docs_section
+    from cachekit.store import os_errors
 
     if docs_section:
         res["docs_section"] = docs_section
         res["command"] += f" --docs-section {docs_section}"
     if out_path:
         p = Path(out_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
+        with os_errors(str(p)):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
         note(f"saved {p}")
     if write_docs:
         note(f"updated section '{res.get('docs_section', res['bench'])}' of {write_docs_section(res, docs_path)}")
@@ -86,12 +95,11 @@ def bench():
 @click.option("--check-dim", default=48, type=click.IntRange(min=1))
 @click.option("--seed", default=0, type=int)
 @_common
-@friendly
-def refine_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
+def refine_cmd(**kw):
     """Closed-form APE channel criterion vs the literal O(C^2 S^2 D) pairwise loop."""
     from cachekit.bench import bench_refine
 
-    _finish(bench_refine(**kw), as_json, out_path, write_docs, docs_path, docs_section)
+    return bench_refine(**kw)
 
 
 @bench.command("grid", context_settings=CONTEXT)
@@ -113,14 +121,13 @@ def refine_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
               help="(c) APE sweep configurations (10 Q values x 10 criterion weight pairs at most).")
 @click.option("--seed", default=0, type=int)
 @_common
-@friendly
-def grid_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
+def grid_cmd(**kw):
     """(a) Tip/APE configurations on one cache vs re-extracting per configuration; (b) vectorised APE
     search vs a naive per-point loop; (c) a 100-configuration APE sweep grid (Q x weights) vs
     re-extracting per configuration."""
     from cachekit.bench import bench_grid
 
-    _finish(bench_grid(**kw), as_json, out_path, write_docs, docs_path, docs_section)
+    return bench_grid(**kw)
 
 
 @bench.command("io", context_settings=CONTEXT)
@@ -135,12 +142,11 @@ def grid_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
 @click.option("--split", default="val", type=click.Choice(["train", "val", "test"]))
 @click.option("--seed", default=0, type=int)
 @_common
-@friendly
-def io_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
+def io_cmd(**kw):
     """Dense-map read throughput from a cache vs numpy reads of the same bytes."""
     from cachekit.bench import bench_io
 
-    _finish(bench_io(**kw), as_json, out_path, write_docs, docs_path, docs_section)
+    return bench_io(**kw)
 
 
 @bench.command("safe", context_settings=CONTEXT)
@@ -156,12 +162,11 @@ def io_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
 @click.option("--repeats", default=1, type=click.IntRange(min=1), help="Interleaved repeats (median).")
 @click.option("--seed", default=1, type=int)
 @_common
-@friendly
-def safe_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
+def safe_cmd(**kw):
     """Seconds per SAFE epoch on cached dense maps vs decode + augment + backbone every epoch."""
     from cachekit.bench import bench_safe
 
-    _finish(bench_safe(**kw), as_json, out_path, write_docs, docs_path, docs_section)
+    return bench_safe(**kw)
 
 
 @bench.command("extract", context_settings=CONTEXT)
@@ -177,12 +182,11 @@ def safe_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
               help="JPEG decoding of the timed extract (extract --decode); both: time each, one run.")
 @click.option("--seed", default=0, type=int)
 @_common
-@friendly
-def extract_cmd(as_json, out_path, write_docs, docs_path, docs_section, **kw):
+def extract_cmd(**kw):
     """Images/s of a full extract from JPEGs vs the bare encode_image forward."""
     from cachekit.bench import bench_extract
 
-    _finish(bench_extract(**kw), as_json, out_path, write_docs, docs_path, docs_section)
+    return bench_extract(**kw)
 
 
 COMMANDS = [bench]

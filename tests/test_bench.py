@@ -213,3 +213,16 @@ def test_cli_table_output():
                                          "--check-dim", "4"])
     assert res.exit_code == 0
     assert "literal_over_closed" in res.stdout and "reproduce: cachekit bench refine" in res.stderr
+
+
+def test_cli_unwritable_out_and_docs_give_one_line_errors(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["refine", "--classes", "5", "--shots", "1", "--dim", "4", "--pairs", "3", "--repeats", "1",
+            "--check-classes", "3", "--check-shots", "1", "--check-dim", "4"]
+    for extra, needle in ((["--out", str(afile / "r.json")], "--out"),
+                          (["--write-docs", "--docs", str(afile / "b.md")], "--docs path")):
+        res = CliRunner().invoke(bench_cli, base + extra)
+        assert res.exit_code == 1 and "Traceback" not in res.output
+        err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert err == [err[0]] and err[0].startswith("Error:") and needle in err[0], res.stderr

@@ -215,23 +215,32 @@ def test_second_writer_refused(tmp_path, tree):
     assert f"in use by PID {os.getpid()}" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, tree):
-    """torchrun with 2 CPU ranks (gloo): same arrays as a single-process run."""
-    import shutil as _sh
-
-    # torchrun runs each rank with one thread; CPU conv results depend on the thread count.
-    ref = tmp_path / "ref.h5"
+def _one_thread_reference(tree, ref, batch_size):
+    """A single-process extract with one torch thread: torchrun runs each rank with one thread, and CPU
+    conv results depend on the thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        extract(extract_opts(tree, ref, batch_size=3))
+        extract(extract_opts(tree, ref, batch_size=batch_size))
     finally:
         torch.set_num_threads(threads)
-    out = tmp_path / "dist.h5"
+
+
+def _torchrun_extract_cmd(tree, out, batch_size):
+    import shutil as _sh
+
     torchrun = _sh.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "cachekit", "extract", str(tree),
-           "--model", "RN-tiny", "--shots", "1,2", "--seeds", "1,2", "--views", "2", "--batch-size", "3",
-           "--dense-dtype", "float32", "--out", str(out), "-q", "--json"]
+    return [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "cachekit", "extract", str(tree),
+            "--model", "RN-tiny", "--shots", "1,2", "--seeds", "1,2", "--views", "2", "--batch-size",
+            str(batch_size), "--dense-dtype", "float32", "--out", str(out), "-q"]
+
+
+def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, tree):
+    """torchrun with 2 CPU ranks (gloo): same arrays as a single-process run."""
+    ref = tmp_path / "ref.h5"
+    _one_thread_reference(tree, ref, 3)
+    out = tmp_path / "dist.h5"
+    cmd = _torchrun_extract_cmd(tree, out, 3) + ["--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     _assert_same_arrays(ref, out)
@@ -241,20 +250,10 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, tree):
 def test_torchrun_killed_then_rerun_equals_single_process(tmp_path, tree):
     """Every torchrun rank SIGKILLed part-way (a lost node), then the same torchrun command again: it resumes
     from the published segments and the cache equals a single-process run."""
-    import shutil as _sh
-
     ref = tmp_path / "ref.h5"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        extract(extract_opts(tree, ref, batch_size=2))
-    finally:
-        torch.set_num_threads(threads)
+    _one_thread_reference(tree, ref, 2)
     out, parts = tmp_path / "dist.h5", tmp_path / "dist.h5.parts"
-    torchrun = _sh.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "cachekit", "extract", str(tree),
-           "--model", "RN-tiny", "--shots", "1,2", "--seeds", "1,2", "--views", "2", "--batch-size", "2",
-           "--dense-dtype", "float32", "--out", str(out), "-q"]
+    cmd = _torchrun_extract_cmd(tree, out, 2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(cmd, env=dict(env, CACHEKIT_UNIT_DELAY="0.3"), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
@@ -314,7 +313,7 @@ def test_device_jpeg_decoding(tmp_path):
 
     from cachekit.augment import plain_transform
     from cachekit.data import load_image
-    from cachekit.extract import _device_plain
+    from cachekit.extract import _device_plain, _Rows
     from cachekit.models import dense_and_pooled, load_model
 
     tree = make_tree(tmp_path / "data", classes=3, per_class=6, size=(53, 41), ext="jpg")
@@ -333,11 +332,11 @@ def test_device_jpeg_decoding(tmp_path):
         assert "decode" not in a.meta["identity"] and "decode_jpeg on cpu" in b.meta["identity"]["decode"]
         for split in ("val", "test"):
             paths = b.paths(split)
-            entries = [(p, 0) for p in paths]
-            raw = [torch.from_numpy(np.fromfile(tree / p, dtype=np.uint8)) if p.endswith(".jpg") and "cmyk" not in p
-                   else plain(load_image(tree / p)) for p in paths]
+            rows = _Rows(tree, [(p, 0) for p in paths], plain, None, 0, bundle.image_size, raw_jpeg=True)
+            raw = [rows[i][0] for i in range(len(paths))]  # what the DataLoader hands over
+            assert [t.dim() == 1 for t in raw] == [p.endswith(".jpg") and "cmyk" not in p for p in paths]
             reasons = [""] * len(paths)
-            x = _device_plain(raw, plain, "cpu", tree, entries, torch.arange(len(paths)), reasons)
+            x = _device_plain(raw, rows, "cpu", torch.arange(len(paths)), reasons)
             ref = torch.stack([plain(load_image(tree / p)) for p in paths])
             diff = (x - ref).abs().amax(dim=(1, 2, 3))
             mean = (x - ref).abs().mean(dim=(1, 2, 3))
