@@ -99,7 +99,8 @@ def test_bench_grid(tmp_path):
     res = B.bench_grid(shots=2, classes=3, val=6, configs=2, views=1, batch_size=8, dim=32, top_k=16,
                        naive_points=10, check_n=(3, 2, 2), ape_configs=12, threads=1, workdir=tmp_path)
     check_common(res, "grid", {"pipeline_total", "per_extra_config", "ape_search_naive_over_vectorised",
-                               "ape_sweep_vs_reextract"})
+                               "ape_sweep_vs_reextract", "ape_search_over_cache_values_only"})
+    assert res["grid_b"]["cache_values"] == 3 * 6 * 200 * 20  # classes x val x n_beta x n_gamma
     c = res["grid_c"]
     assert len(c["configs"]) == 12 and c["searches_run"] + c["searches_reused"] == 12
     assert len({x["top_k"] for x in c["configs"]}) == 2 <= c["searches_run"]  # 10 weight pairs per Q

@@ -83,31 +83,41 @@ def _class_layout(y: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
 _ROW_BUDGET = 1 << 22  # (class x sample x beta x gamma) cache entries held at once
 
 
-def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch.Tensor,
-                  betas: list, al: torch.Tensor) -> torch.Tensor:
-    """Correct counts (n_beta, n_alpha, n_gamma) of argmax_c(z + alpha * cache(beta, gamma)) on some samples.
+def _cache_blocks(A_m1: torch.Tensor, R: torch.Tensor, betas: list):
+    """Yield (i0, B, cache) per block of betas: cache (C, M * B * G) holds cache[m, c](beta_{i0+b}, gamma_g)
+    = sum_k exp(beta * A_m1[c, m, k]) * R[c, k, g] at column (m * B + b) * G + g.
 
-    z (M, C) zero-shot logits, y (M,) labels, A_m1 (C, M, Kmax) = A - 1 per class slot, R (C, Kmax, G)
-    the slot values L[n, c] * exp(gamma_g * div_n) (0 on padding slots), so that
-    cache[m, c](beta, gamma_g) = sum_k exp(beta * A_m1[c, m, k]) * R[c, k, g]. Betas go in blocks as large
-    as the memory budget allows: one exp and one batched matmul give the cache of every (beta, gamma) in
-    the block, and one tip.LinearArgmaxCounter pass counts every alpha of them exactly, so a small cache
-    costs a handful of tensor ops per search instead of a few hundred.
+    A_m1 (C, M, Kmax) = A - 1 per class slot, R (C, Kmax, G) the slot values L[n, c] * exp(gamma_g * div_n)
+    (0 on padding slots). Betas go in blocks as large as the memory budget allows: one exp and one batched
+    matmul give the cache of every (beta, gamma) in the block.
     """
     C, M, K = A_m1.shape
     G = R.shape[2]
     nb = len(betas)
     block = max(1, min(nb, _ROW_BUDGET // max(1, C * M * max(G, K))))
-    b_all = torch.tensor(betas, dtype=z.dtype, device=z.device)
-    counts = torch.zeros(nb, al.numel(), G, dtype=torch.long)
-    counter = None
+    b_all = torch.tensor(betas, dtype=A_m1.dtype, device=A_m1.device)
     for i0 in range(0, nb, block):
         b = b_all[i0:i0 + block]
         B = b.numel()
-        E = torch.empty(C, M, B, K, dtype=z.dtype, device=z.device)  # row-major whatever the broadcast
+        E = torch.empty(C, M, B, K, dtype=A_m1.dtype, device=A_m1.device)  # row-major whatever the broadcast
         torch.exp(torch.mul(A_m1.unsqueeze(2), b.view(1, 1, B, 1), out=E), out=E)  # exp(-beta (1 - A))
-        cache = torch.bmm(E.view(C, M * B, K), R).view(C, M * B * G)  # column (m * B + b) * G + g
+        cache = torch.bmm(E.view(C, M * B, K), R).view(C, M * B * G)
         del E
+        yield i0, B, cache
+
+
+def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch.Tensor,
+                  betas: list, al: torch.Tensor) -> torch.Tensor:
+    """Correct counts (n_beta, n_alpha, n_gamma) of argmax_c(z + alpha * cache(beta, gamma)) on some samples.
+
+    z (M, C) zero-shot logits, y (M,) labels, A_m1 and R as in `_cache_blocks`. One tip.LinearArgmaxCounter
+    pass counts every alpha of a whole block of (beta, gamma) exactly, so a small cache costs a handful of
+    tensor ops per search instead of a few hundred.
+    """
+    G = R.shape[2]
+    counts = torch.zeros(len(betas), al.numel(), G, dtype=torch.long)
+    counter = None
+    for i0, B, cache in _cache_blocks(A_m1, R, betas):
         if counter is None or counter.G != B * G:
             counter = tip.LinearArgmaxCounter(z, y, al, B * G)
         counter.set_scale(cache.amax(dim=0))  # cache >= 0: one-hot values, positive weights
@@ -115,15 +125,9 @@ def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch
     return counts
 
 
-def grid_counts(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
-                key_labels: torch.Tensor, idx: torch.Tensor, s: tuple = (7, 7, 1),
-                n: tuple = (200, 20, 20)) -> torch.Tensor:
-    """Number of correct val predictions at every grid point: LongTensor (n_beta, n_alpha, n_gamma).
-
-    Equal to evaluating `logits` at each point and counting argmax hits, but one exp and one batched
-    matmul serve a whole block of betas with every gamma, and every alpha is counted at once
-    (tip.LinearArgmaxCounter).
-    """
+def _search_inputs(val_f, val_y, W, F, L, key_labels, idx, s, n):
+    """What every point of the search shares: (betas, alphas tensor, R (C, Kmax, G), chunks), where chunks
+    yields (z, y, A_m1) per chunk of val samples (see `_cache_blocks` for R and A_m1)."""
     betas, alphas, gammas = beta_grid(s[0], n[0]), alpha_grid(s[1], n[1]), gamma_grid(s[2], n[2])
     C = W.shape[0]
     y_keys = check_one_hot(L, key_labels, C)
@@ -139,13 +143,45 @@ def grid_counts(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: to
     al = torch.tensor(alphas, dtype=dt, device=dev)
     y = val_y.reshape(-1).long().to(dev)
     step = max(1, min(_ROW_BUDGET // (C * len(gammas)), tip._row_chunk(F.shape[0])))
-    counts = torch.zeros(len(betas), len(alphas), len(gammas), dtype=torch.long)
-    for fc, yc in zip(val_f.split(step), y.split(step)):
-        A = refine(fc, idx) @ F_r.t()  # (Mc, N)
-        A_m1 = (A.t()[index] - 1).permute(0, 2, 1).contiguous()  # (C, Mc, Kmax)
-        del A
-        counts += _chunk_counts(zeroshot.logits(fc, W), yc, A_m1, R, betas, al)
+
+    def chunks():
+        for fc, yc in zip(val_f.split(step), y.split(step)):
+            A = refine(fc, idx) @ F_r.t()  # (Mc, N)
+            A_m1 = (A.t()[index] - 1).permute(0, 2, 1).contiguous()  # (C, Mc, Kmax)
+            del A
+            yield zeroshot.logits(fc, W), yc, A_m1
+
+    return betas, al, R, chunks()
+
+
+def grid_counts(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
+                key_labels: torch.Tensor, idx: torch.Tensor, s: tuple = (7, 7, 1),
+                n: tuple = (200, 20, 20)) -> torch.Tensor:
+    """Number of correct val predictions at every grid point: LongTensor (n_beta, n_alpha, n_gamma).
+
+    Equal to evaluating `logits` at each point and counting argmax hits, but one exp and one batched
+    matmul serve a whole block of betas with every gamma, and every alpha is counted at once
+    (tip.LinearArgmaxCounter).
+    """
+    betas, al, R, chunks = _search_inputs(val_f, val_y, W, F, L, key_labels, idx, s, n)
+    counts = torch.zeros(len(betas), al.numel(), R.shape[2], dtype=torch.long)
+    for z, yc, A_m1 in chunks:
+        counts += _chunk_counts(z, yc, A_m1, R, betas, al)
     return counts
+
+
+def cache_values_only(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor,
+                      L: torch.Tensor, key_labels: torch.Tensor, idx: torch.Tensor, s: tuple = (7, 7, 1),
+                      n: tuple = (200, 20, 20)) -> int:
+    """The part of `grid_counts` before any counting: the cache value of every (sample, class, beta, gamma),
+    computed block by block and dropped. Returns how many values that is. `cachekit bench grid` times it
+    as the floor of an exact search that visits every grid point."""
+    betas, _, R, chunks = _search_inputs(val_f, val_y, W, F, L, key_labels, idx, s, n)
+    total = 0
+    for _, _, A_m1 in chunks:
+        for _, _, cache in _cache_blocks(A_m1, R, betas):
+            total += cache.numel()
+    return total
 
 
 def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor,
