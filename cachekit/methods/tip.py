@@ -100,10 +100,9 @@ def pair_wrong(zc: torch.Tensor, kc: torch.Tensor, zt: torch.Tensor, kt: torch.T
     start = torch.where(b2, torch.where(b1, j - 1, j), j + 1).clamp(0, A)
     # kd < 0: beaten on [0, stop) plus, rarely, the isolated point j (b2 without b1).
     stop = torch.where(b1, torch.where(b2, j + 1, j), j - 1).clamp(0, A)
-    sel = clear & pos
-    suffix.scatter_reduce_(0, row[sel], start[sel], reduce="amin")
-    sel = clear & ~pos
-    prefix.scatter_reduce_(0, row[sel], stop[sel], reduce="amax")
+    # Pairs that do not apply scatter the neutral value (A for the suffix, 0 for the prefix): no masking.
+    suffix.scatter_reduce_(0, row, torch.where(clear & pos, start, A), reduce="amin")
+    prefix.scatter_reduce_(0, row, torch.where(clear & ~pos, stop, 0), reduce="amax")
     extra = []
     iso = clear & pos & b1 & ~b2
     extra.append(row[iso] * A + (j - 1)[iso])
@@ -208,19 +207,17 @@ class LinearArgmaxCounter:
         k = k.contiguous()
         k_flat = k.view(-1)
         k_true = k_flat.index_select(0, self.y_flat)  # (R,)
-        kd = torch.sub(k.view(C, self.M, self.G), k_true.view(1, self.M, self.G), out=self._kd)
+        M, G = self.M, self.G
+        kd = torch.sub(k.view(C, M, G), k_true.view(1, M, G), out=self._kd)
+        # A class above phi beats y by the margin at every alpha: its column is wrong everywhere, and that
+        # column's pairs need no exact check (found densely, before the candidates are listed).
+        sure_wrong = torch.gt(kd, self.phi, out=self._mask).any(dim=0)  # (M, G)
         cand = torch.ge(kd, self.theta, out=self._mask)
-        f = torch.nonzero(cand.view(-1)).squeeze(1)
-        c, r = f // R, f % R
-        m = r // self.G
-        # A class above phi beats y by the margin at every alpha (it is a candidate too, phi >= theta): its
-        # column is wrong everywhere, and that column's other pairs need no exact check.
-        kd_f = kd.view(-1).index_select(0, f)
-        beats_all = kd_f > self.phi.view(-1).index_select(0, c * self.M + m)
-        sure_wrong = torch.zeros(R, dtype=torch.bool, device=k.device)
-        sure_wrong[r[beats_all]] = True
-        keep = ~sure_wrong.index_select(0, r)
-        f, c, r, m = f[keep], c[keep], r[keep], m[keep]
+        cand &= ~sure_wrong
+        c, m, g = torch.nonzero(cand, as_tuple=True)
+        r = m * G + g
+        f = c * R + r
+        sure_wrong = sure_wrong.view(-1)
         t = self.y_rows.index_select(0, r)
         prefix, suffix, extra = pair_wrong(
             self.z_flat.index_select(0, c * self.M + m), k_flat.index_select(0, f),
