@@ -191,12 +191,18 @@ def test_bad_image_error_and_skip(tmp_path):
         assert c.with_replacement(6, 1) == [0, 1]  # 5 good images left per class < K=6
 
 
-def test_val_is_test_hard_link(tmp_path):
+def _val_only_cache(tmp_path):
+    """A cache of a tree with train/ and val/ only (no test/): val doubles as test."""
     root = tmp_path / "d"
     make_tree(root / "train", classes=2, per_class=5)
     make_tree(root / "val", classes=2, per_class=3, seed=1)
     out = tmp_path / "c.h5"
     extract(extract_opts(root, out, shots=(1,), seeds=(1,), views=1))
+    return out
+
+
+def test_val_is_test_hard_link(tmp_path):
+    out = _val_only_cache(tmp_path)
     with open_cache(out) as c:
         assert c.val_is_test
         assert torch.equal(c.pooled("val"), c.pooled("test"))
@@ -292,11 +298,7 @@ def test_eval_marks_val_equal_test(tmp_path):
 
     from cachekit.cli.main import cli
 
-    root = tmp_path / "d"
-    make_tree(root / "train", classes=2, per_class=5)
-    make_tree(root / "val", classes=2, per_class=3, seed=1)
-    out = tmp_path / "c.h5"
-    extract(extract_opts(root, out, shots=(1,), seeds=(1,), views=1))
+    out = _val_only_cache(tmp_path)
     res = CliRunner().invoke(cli, ["eval", str(out), "--method", "zeroshot,tip", "--set", "tip.n=[5,5]", "--json"])
     recs = [json.loads(x) for x in res.stdout.splitlines()]
     assert recs and all(r["selection"] == "val (val and test are the same data)" for r in recs)
