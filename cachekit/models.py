@@ -167,7 +167,8 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, init_seed
     if sd is not None:
         # Archives (e.g. traced/scripted ones) may also carry the model's non-persistent buffers.
         own = set(model.state_dict())
-        sd = {k: v for k, v in sd.items() if k in own or k not in dict(model.named_buffers())}
+        buffers = {name for name, _ in model.named_buffers()}
+        sd = {k: v for k, v in sd.items() if k in own or k not in buffers}
         missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
         problem = None
         if missing or unexpected:

@@ -55,21 +55,21 @@ def write_json_atomic(path: Path, obj):
 def os_errors(what: str, where: str = "--out location"):
     """Turn disk-full / permission / read-only errors into one-line CachekitErrors; `where` names what the
     user can change (an --out location by default)."""
+    no_space = CachekitError(f"no space left while writing {what}; fix: free disk space or choose "
+                             f"another {where}, then rerun the same command to resume")
     try:
         yield
     except RuntimeError as exc:
         # h5py reports a failed flush on close as RuntimeError("... errno = 28 ...")
         if "errno = 28" in str(exc) or "No space left" in str(exc):
-            raise CachekitError(f"no space left while writing {what}; fix: free disk space or choose "
-                                f"another {where}, then rerun the same command to resume") from None
+            raise no_space from None
         raise
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.ENOTDIR):
             raise CachekitError(f"cannot write {what}: a path component is a file, not a folder "
                                 f"({exc.filename or what}); fix: choose another {where}") from None
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CachekitError(f"no space left while writing {what}; fix: free disk space or choose "
-                                f"another {where}, then rerun the same command to resume") from None
+            raise no_space from None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise CachekitError(f"cannot write {what}: {exc.strerror}; fix: choose a writable "
                                 f"{where}") from None

@@ -121,7 +121,7 @@ def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch
         if counter is None or counter.G != B * G:
             counter = tip.LinearArgmaxCounter(z, y, al, B * G)
         counter.set_scale(cache.amax(dim=0))  # cache >= 0: one-hot values, positive weights
-        counts[i0:i0 + B] = counter.count(cache).view(B, G, -1).permute(0, 2, 1).cpu()
+        counts[i0:i0 + B] = counter.count(cache).view(B, G, -1).permute(0, 2, 1)  # CPU counts
     return counts
 
 

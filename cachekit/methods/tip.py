@@ -310,7 +310,7 @@ def grid_counts(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: to
             if counter is None or counter.G != len(bs):
                 counter = LinearArgmaxCounter(z, yc, al, len(bs))
             counter.set_scale(cache.abs().amax(dim=0))
-            counts[i0:i0 + len(bs)] += counter.count(cache).cpu()
+            counts[i0:i0 + len(bs)] += counter.count(cache)  # count() returns CPU counts
     return counts
 
 
