@@ -33,3 +33,33 @@ class Selection:
     val_acc: float
     test_acc: float | None = None
     extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ the contract
+class Estimator:
+    """What every registered method is: built from its checked Config, `fit(task)` trains (a no-op for the
+    training-free methods), `select(task)` chooses hyper-parameters on task's val data only and then scores
+    task's test data once. A method reads its inputs from the task (see cachekit.task.Task) and never opens
+    files or prints.
+
+    `resolve(config, task, explicit)` (optional, a classmethod) fills in what depends on the cache before the
+    run's identity is computed, e.g. APE's channel source or a Q clipped to the cache's width; it returns
+    (config, notes).
+    """
+
+    def __init__(self, config):
+        self.config = config
+
+    @classmethod
+    def resolve(cls, config, task, explicit: frozenset):
+        return config, []
+
+    def fit(self, task) -> "Estimator":
+        return self
+
+    def select(self, task) -> Selection:  # pragma: no cover - the contract
+        raise NotImplementedError
+
+    def extra(self) -> dict:
+        """Facts of the run worth keeping in the record (chosen epoch, whether a stored fit was reused...)."""
+        return {}
