@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as Fn
 
 from cachekit.errors import CachekitError
-from cachekit.methods import ape, gda, grids, presets, refine, tip, zeroshot
+from cachekit.methods import ape, gda, grids, presets, refine, search, tip, zeroshot
 from cachekit.methods.base import accuracy
 
 F64 = torch.float64
@@ -374,12 +374,12 @@ def test_count_correct_equals_literal_argmax_with_exact_ties(dtype):
     y = torch.randint(0, C, (M,), generator=g)
     y[:40] = 1
     alphas = torch.tensor([0.0, 2.0, 0.5, 7.0, 0.1, 1.0, 3.3], dtype=dtype)  # unsorted, includes 0
-    got = tip.count_correct(z, k, y, alphas)
+    got = search.count_correct(z, k, y, alphas)
     want = torch.stack([torch.stack([((z + a * k[gi]).argmax(dim=1) == y).sum() for a in alphas])
                         for gi in range(G)])
     assert torch.equal(got, want)
     with pytest.raises(CachekitError, match="non-negative"):
-        tip.count_correct(z, k, y, torch.tensor([-1.0, 1.0], dtype=dtype))
+        search.count_correct(z, k, y, torch.tensor([-1.0, 1.0], dtype=dtype))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -585,7 +585,7 @@ def test_count_correct_edge_inputs():
     k = torch.tensor([[[-1.8216880036222622e-44, -5.605193857299268e-45, -1.961817850054744e-44]]])
     y, al = torch.tensor([2]), torch.tensor([0.8531993627548218])
     literal = int(((z + al[0] * k[0]).argmax(1) == y).sum())
-    assert literal == 0 and tip.count_correct(z, k, y, al).item() == literal
+    assert literal == 0 and search.count_correct(z, k, y, al).item() == literal
     with pytest.raises(CachekitError, match="one floating dtype"):
-        tip.count_correct(z.double(), k, y, al)
-    assert tip.count_correct(z, k[:0], y, al).shape == (0, 1)
+        search.count_correct(z.double(), k, y, al)
+    assert search.count_correct(z, k[:0], y, al).shape == (0, 1)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as TF
 
 from cachekit.errors import CachekitError
-from cachekit.methods import apet, refine, tip, tipf
+from cachekit.methods import apet, refine, tip, tipf, training
 from cachekit.methods.base import accuracy
 from cachekit.methods.grids import alpha_grid, beta_grid
 
@@ -148,7 +148,7 @@ def test_cosine_lr_matches_torch_scheduler():
     total = 37
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     for it in range(total):
-        assert math.isclose(opt.param_groups[0]["lr"], tipf.cosine_lr(1e-3, it, total), rel_tol=1e-9, abs_tol=1e-15)
+        assert math.isclose(opt.param_groups[0]["lr"], training.cosine_lr(1e-3, it, total), rel_tol=1e-9, abs_tol=1e-15)
         opt.step()
         sched.step()
 
@@ -220,10 +220,10 @@ def test_tipf_training_lowers_loss_and_is_seeded():
     # the inputs are not modified in place
     assert torch.equal(d["F"], make(seed=1)["F"])
     # cosine schedule over all iterations: 6 epochs x ceil(192 / 32) iterations
-    assert r1.log[-1]["lr"] == tipf.cosine_lr(1e-2, 35, 36)
+    assert r1.log[-1]["lr"] == training.cosine_lr(1e-2, 35, 36)
     r4 = tipf.fit(d["X"], d["y"], d["W"], d["F"], d["L"], d["vf"], d["vy"],
                   tipf.TipFConfig(**{**cfg.to_dict(), "epoch_size": 40}))
-    assert r4.log[-1]["lr"] == tipf.cosine_lr(1e-2, 11, 12)  # 6 epochs x ceil(40 / 32)
+    assert r4.log[-1]["lr"] == training.cosine_lr(1e-2, 11, 12)  # 6 epochs x ceil(40 / 32)
 
 
 def test_apet_training_lowers_loss_and_is_seeded():

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import CachekitError
-from . import tip, zeroshot
+from . import zeroshot
 from .base import Selection, accuracy, first_best
 from .grids import alpha_grid, beta_grid, gamma_grid
 from .refine import refine
+from .search import LinearArgmaxCounter, row_chunk
 from .tip import cache_logits
 
 #: Added inside the log of the KL term, as in the authors' code.
@@ -46,7 +47,7 @@ def logits(f: torch.Tensor, W: torch.Tensor, F: torch.Tensor, L: torch.Tensor, k
     F_r, W_r = refine(F, idx), refine(W, idx)
     values = L * entry_weights(kl_divergence_bits(F_r, W_r, key_labels), gamma).unsqueeze(1)
     parts = [zeroshot.logits(fc, W) + alpha * cache_logits(refine(fc, idx) @ F_r.t(), values, beta)
-             for fc in f.split(tip._row_chunk(max(F.shape[0], W.shape[0])))]
+             for fc in f.split(row_chunk(max(F.shape[0], W.shape[0])))]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -110,7 +111,7 @@ def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch
                   betas: list, al: torch.Tensor) -> torch.Tensor:
     """Correct counts (n_beta, n_alpha, n_gamma) of argmax_c(z + alpha * cache(beta, gamma)) on some samples.
 
-    z (M, C) zero-shot logits, y (M,) labels, A_m1 and R as in `_cache_blocks`. One tip.LinearArgmaxCounter
+    z (M, C) zero-shot logits, y (M,) labels, A_m1 and R as in `_cache_blocks`. One search.LinearArgmaxCounter
     pass counts every alpha of a whole block of (beta, gamma) exactly, so a small cache costs a handful of
     tensor ops per search instead of a few hundred.
     """
@@ -119,7 +120,7 @@ def _chunk_counts(z: torch.Tensor, y: torch.Tensor, A_m1: torch.Tensor, R: torch
     counter = None
     for i0, B, cache in _cache_blocks(A_m1, R, betas):
         if counter is None or counter.G != B * G:
-            counter = tip.LinearArgmaxCounter(z, y, al, B * G)
+            counter = LinearArgmaxCounter(z, y, al, B * G)
         counter.set_scale(cache.amax(dim=0))  # cache >= 0: one-hot values, positive weights
         counts[i0:i0 + B] = counter.count(cache).view(B, G, -1).permute(0, 2, 1)  # CPU counts
     return counts
@@ -142,7 +143,7 @@ def _search_inputs(val_f, val_y, W, F, L, key_labels, idx, s, n):
     R = torch.exp(div[index].unsqueeze(2) * g_t.view(1, 1, -1)) * value.unsqueeze(2)  # (C, Kmax, G)
     al = torch.tensor(alphas, dtype=dt, device=dev)
     y = val_y.reshape(-1).long().to(dev)
-    step = max(1, min(_ROW_BUDGET // (C * len(gammas)), tip._row_chunk(F.shape[0])))
+    step = max(1, min(_ROW_BUDGET // (C * len(gammas)), row_chunk(F.shape[0])))
 
     def chunks():
         for fc, yc in zip(val_f.split(step), y.split(step)):
@@ -161,7 +162,7 @@ def grid_counts(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: to
 
     Equal to evaluating `logits` at each point and counting argmax hits, but one exp and one batched
     matmul serve a whole block of betas with every gamma, and every alpha is counted at once
-    (tip.LinearArgmaxCounter).
+    (search.LinearArgmaxCounter).
     """
     betas, al, R, chunks = _search_inputs(val_f, val_y, W, F, L, key_labels, idx, s, n)
     counts = torch.zeros(len(betas), al.numel(), R.shape[2], dtype=torch.long)

@@ -24,7 +24,8 @@ import torch
 from ..errors import CachekitError
 from . import ape, refine, tip
 from .base import Selection
-from .tipf import AdapterConfig, check_inputs, train_loop
+from .tipf import AdapterConfig
+from .training import check_inputs, train_loop
 
 #: (w0, w1) of the text-only channel criterion used by APE-T (authors' configs: w_training).
 DEFAULT_WEIGHTS = (0.2, 0.8)
