@@ -6,6 +6,10 @@
     P     = D * pinv((n - 1) Sigma + tr(Sigma) I) = D * pinv(S + tr(Sigma) I)
     W_c   = P mu_c,   b_c = log(1/C) - mu_c^T P mu_c / 2
     logits = 100 f W_text^T + alpha * (f W_gda^T + b),   alpha in {1e-4, ..., 1e2} chosen on val.
+
+Fitting and scoring are both in float64, whatever the features' dtype: f W_gda^T and b are large and nearly
+equal across classes when the class means nearly coincide (P is about D / tr(Sigma) along the mean), so their
+difference, which decides the argmax, is lost to cancellation in float32.
 """
 from __future__ import annotations
 
@@ -19,10 +23,13 @@ from .base import Selection, accuracy, correct_counts, first_best
 from .grids import gda_alpha_grid
 
 
-def fit(X: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit(X: torch.Tensor, y: torch.Tensor, num_classes: int,
+        dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_gda (C, D), b (C,)) from features X (n, D), each view L2-normalised, and labels y (n,).
 
-    Computed in float64 and returned in X's dtype. Every class needs at least one view.
+    Computed in float64 and returned in `dtype` (default: X's dtype). Pass dtype=torch.float64 to score
+    without loss (`select` does): rounding W_gda and b to float32 already moves the nearly equal class scores
+    by more than their difference. Every class needs at least one view.
     """
     if X.dim() != 2:
         raise CachekitError(f"GDA features have shape {tuple(X.shape)}; fix: pass X as (n_views, D)")
@@ -50,22 +57,32 @@ def fit(X: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tenso
                               hermitian=True)
     W = mu @ P  # rows P mu_c (P is symmetric)
     b = math.log(1.0 / C) - 0.5 * (W * mu).sum(dim=1)
-    return W.to(X.dtype), b.to(X.dtype)
+    out = X.dtype if dtype is None else dtype
+    return W.to(out), b.to(out)
+
+
+def discriminant(f: torch.Tensor, W_gda: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The GDA term f W_gda^T + b (M, C), computed in float64 (returned in float64)."""
+    return f.double() @ W_gda.double().t() + b.double()
 
 
 def logits(f: torch.Tensor, W: torch.Tensor, W_gda: torch.Tensor, b: torch.Tensor,
            alpha: float) -> torch.Tensor:
-    """100 f W^T + alpha * (f W_gda^T + b), shape (M, C)."""
-    return zeroshot.logits(f, W) + alpha * (f @ W_gda.t() + b)
+    """100 f W^T + alpha * (f W_gda^T + b), shape (M, C), computed and returned in float64.
+
+    Pass W_gda and b from `fit(..., dtype=torch.float64)`: float64 arithmetic on rounded float32
+    parameters does not recover what the rounding lost.
+    """
+    return zeroshot.logits(f.double(), W.double()) + alpha * discriminant(f, W_gda, b)
 
 
 def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
            test_f: torch.Tensor | None = None, test_y: torch.Tensor | None = None) -> Selection:
     """Fit on (X, y), choose alpha on val (first best in the order 1e-4, 1e-3, ..., 1e2), apply to test."""
-    W_gda, b = fit(X, y, W.shape[0])
+    W_gda, b = fit(X, y, W.shape[0], dtype=torch.float64)
     alphas = gda_alpha_grid()
-    z = zeroshot.logits(val_f, W)
-    g = val_f @ W_gda.t() + b
+    z = zeroshot.logits(val_f.double(), W.double())  # every term and the sum in float64 (module docstring)
+    g = discriminant(val_f, W_gda, b)
     yv = val_y.reshape(-1).long().to(val_f.device)
     counts = torch.stack([correct_counts(z + a * g, yv) for a in alphas]).cpu()
     j = first_best(counts)
