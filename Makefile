@@ -23,7 +23,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest
 
 reliability: $(STAMP)
-	$(PY) -m cachekit.reliability
+	$(PY) -m tests.harness.reliability --out docs/reliability.md
 
 clean:
 	rm -rf cache/*.h5 cache/*.parts cache/*.results cache/demo build *.egg-info

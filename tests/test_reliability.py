@@ -1,8 +1,8 @@
 """Faults and bad inputs: kills part-way (SIGKILL, SIGINT) then a rerun, two writers, readers during
 a write, a full disk, a read-only location, and a table of bad inputs.
 
-The machinery is cachekit/reliability.py, shared with `python -m cachekit.reliability` (which writes
-docs/reliability.md). Every victim is a real `python -m cachekit ...` child process; kill points are
+The machinery is tests/harness/reliability.py (imported as `harness.reliability`: pytest puts tests/ on
+sys.path), shared with `python -m tests.harness.reliability --out docs/reliability.md` (`make reliability`). Every victim is a real `python -m cachekit ...` child process; kill points are
 reached through progress events logged by hooks installed in the child (see that module), so they do
 not depend on the machine's speed. Tests marked `xfail(strict=True, reason="BUG: ...")` are known
 bugs: they start passing (and so fail, strictly) once fixed.
@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from cachekit import reliability as R
+from harness import reliability as R
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,31 @@ def base(tree, tiny_cache, tmp_path_factory):
 def can_mount(tmp_path_factory):
     with R.tmpfs(tmp_path_factory.mktemp("mount-probe") / "m", "64k") as ok:
         return ok
+
+
+def test_patch_points_and_uses_resolve():
+    """Every library name the harness patches or calls still exists (after a library redesign this names
+    the entry of R.PATCH_POINTS / R.USES to update)."""
+    for key, (module, attr, _) in R.PATCH_POINTS.items():
+        owner, name, real = R.resolve(module, attr)
+        assert callable(real), key
+    for dotted in R.USES:
+        R.resolve_use(dotted)
+
+
+def test_child_hooks_installed(tmp_path):
+    """The generated sitecustomize finds the harness from a child process started anywhere: the hooks log
+    the publish of a stored result."""
+    import subprocess
+    import sys
+
+    env = R.hook_env(tmp_path / "events")
+    code = ("from pathlib import Path\nfrom cachekit import store\n"
+            "p = Path(r'%s'); t = p.with_name('x.json.tmp'); t.write_text('{}'); store.publish(t, p)\n"
+            % (tmp_path / "x.json"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "not installed" not in r.stderr, r.stderr
+    assert ("published", "x.json") in R.read_events(tmp_path / "events")
 
 
 # --------------------------------------------------------------------------------------------- #

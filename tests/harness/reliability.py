@@ -1,6 +1,11 @@
-"""Fault injection and bad-input checks for cachekit; writes docs/reliability.md.
+"""Fault injection and bad-input checks for cachekit; writes a reliability report (docs/reliability.md).
 
-    python -m cachekit.reliability [--kills N] [--seed S] [--out docs/reliability.md]
+    python -m tests.harness.reliability --out docs/reliability.md [--kills N] [--seed S]   # from the repo root
+    make reliability                                                                      # the same
+
+This is a test harness, not part of the installed package: it drives cachekit from outside (the CLI as a
+child process, or in-process through click's CliRunner) and patches a few library names in those children
+(the table :data:`PATCH_POINTS` below; :data:`USES` lists what it otherwise calls).
 
 Faults. Each writing command (extract, refine, fit-safe, sweep) runs as a real subprocess,
 ``python -m cachekit ...``, on a tiny RN-tiny tree/cache, and is killed with SIGKILL or SIGINT at a
@@ -12,16 +17,19 @@ traceback. On top: a second writer while the first runs, readers while a writer 
 (a small tmpfs; monkeypatched ENOSPC where mounting is not possible) and a read-only location.
 
 Kill points are reached through progress *events* rather than wall-clock guesses, so they are the
-same on a fast or a loaded machine. The child processes get a `sitecustomize.py` (on PYTHONPATH) that
-calls :func:`install_hooks` when ``CACHEKIT_FAULT_DIR`` is set; the hooks only log events
-(``published <file>``, ``epoch <n>``, ``row``) and, where asked, pause:
+same on a fast or a loaded machine. The child processes get a generated `sitecustomize.py` (on
+PYTHONPATH, together with the folder this harness is imported from) that calls :func:`install_hooks`
+when ``CACHEKIT_FAULT_DIR`` is set; the hooks only log events (``published <file>``, ``epoch <n>``,
+``row``) and, where asked, pause:
 
 * ``CACHEKIT_FAULT_PAUSE_BEFORE=<glob>``: sleep before renaming a finished ``.tmp`` onto a file whose
   name matches (the temporary file is complete, the rename has not happened);
 * ``CACHEKIT_FAULT_PAUSE_AFTER=<glob>``: sleep right after that rename (the next step not yet done);
 * ``CACHEKIT_FAULT_EPOCH_DELAY`` / ``CACHEKIT_FAULT_ROW_DELAY``: seconds to sleep after each SAFE epoch /
   each sweep row, so a kill lands in the middle of the work;
-* extract's own ``CACHEKIT_UNIT_DELAY`` slows it per batch.
+* ``CACHEKIT_FAULT_PAUSE_ROW=<n>``: sleep once `n` sweep rows are written, before the next;
+* extract's own ``CACHEKIT_UNIT_DELAY`` (read by cachekit.extract, see :data:`LIBRARY_ENV`) slows it per
+  batch.
 
 Bad inputs: :data:`BAD_CASES`, each a CLI call (in-process, click's CliRunner) with the expected
 outcome: a one-line ``Error: ...`` naming the problem with a non-zero exit and no traceback and no cache
@@ -35,6 +43,7 @@ import datetime as _dt
 import errno
 import fnmatch
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -53,23 +62,117 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from cachekit.synthetic import make_tree  # (re-exported: the harness and its tests build trees with it)
+
 FAULT_DIR = "CACHEKIT_FAULT_DIR"
 PAUSE_S = 60.0  # a paused child sleeps this long; the driver signals it long before
 TIMEOUT_S = 180.0  # longest wait for an event or an exit
 
 # --------------------------------------------------------------------------------------------- #
+# what the harness needs from cachekit: patch these names (and nothing else), call these
+# --------------------------------------------------------------------------------------------- #
+#: Library names the harness replaces with wrappers: key -> (module, attribute, what the wrapper relies on).
+#: In the children, :func:`install_hooks` patches them at interpreter start (sitecustomize), before the CLI
+#: imports the modules that use them, so a module that did `from .store import publish` gets the wrapper too.
+#: tests/test_reliability.py checks that every entry still resolves.
+PATCH_POINTS: dict[str, tuple[str, str, str]] = {
+    "publish": ("cachekit.store", "publish",
+                "publish(tmp, final) renames every finished .tmp (plan.json, seg-*.h5, the cache, a stored result) "
+                "onto its final name: logs `published NAME`, pauses before/after it"),
+    "safe_fit": ("cachekit.methods.safe", "fit",
+                 "fit(..., callback=cb) calls cb(dict with 'epoch') after each epoch: logs `epoch N`, delays"),
+    "runner_run": ("cachekit.runner", "Runner.run",
+                   "`cachekit sweep` calls it once per row, after the previous row is written: delays, pauses"),
+    "extract_publish": ("cachekit.extract", "publish",
+                        "in-process only (check_overwrite_resume): counts the seg-*.h5 a rerun encodes; extract "
+                        "must look the name up in its module at call time"),
+}
+
+#: Library names the harness calls or reads (not patched). tests/test_reliability.py checks they resolve.
+USES: tuple[str, ...] = (
+    "cachekit.__version__",
+    "cachekit.synthetic.make_tree",
+    "cachekit.cli.main.cli",  # the CLI in-process (click's CliRunner); children run `python -m cachekit`
+    "cachekit.cache.open_cache",
+    "cachekit.cache.Cache.num_images",
+    "cachekit.cache.Cache.views",
+    "cachekit.cache.Cache.val_is_test",
+    "cachekit.cache.Cache.paths",
+    "cachekit.cache.Cache.labels",
+    "cachekit.cache.Cache.classnames",
+    "cachekit.cache.Cache.with_replacement",
+    "cachekit.results.ResultStore",  # .list() -> [{kind, params, file}], .get(kind, params)
+    "cachekit.results.ResultStore.list",
+    "cachekit.results.ResultStore.get",
+    "cachekit.verify.verify",  # -> .ok, .failed[i]["check"]
+    "cachekit.runner.store_refine",  # store_refine(cache, k, seed, top_k, weights), also in a child script
+    "cachekit.errors.CachekitError",
+)
+
+#: Test-only environment variables that the library itself reads for the harness (to be replaced by hooks):
+#: CACHEKIT_UNIT_DELAY: cachekit.extract sleeps this long after each published batch.
+LIBRARY_ENV: tuple[str, ...] = ("CACHEKIT_UNIT_DELAY",)
+
+
+def resolve(dotted_module: str, attr: str = ""):
+    """(owner, name, value) of `module` + `attr` ("Runner.run" walks into the class)."""
+    owner = importlib.import_module(dotted_module)
+    if not attr:
+        return None, dotted_module, owner
+    *path, name = attr.split(".")
+    for p in path:
+        owner = getattr(owner, p)
+    return owner, name, getattr(owner, name)
+
+
+def resolve_use(dotted: str):
+    """The object named by an entry of :data:`USES` (the longest importable module prefix, then attributes)."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        return resolve(".".join(parts[:i]), ".".join(parts[i:]))[2]
+    raise ModuleNotFoundError(dotted)
+
+
+def patch(key: str, make_wrapper: Callable) -> Callable[[], None]:
+    """Replace the library name PATCH_POINTS[key] with make_wrapper(real); returns the undo."""
+    module, attr, _ = PATCH_POINTS[key]
+    owner, name, real = resolve(module, attr)
+    setattr(owner, name, make_wrapper(real))
+    return lambda: setattr(owner, name, real)
+
+
+# --------------------------------------------------------------------------------------------- #
 # hooks that run inside the child processes
 # --------------------------------------------------------------------------------------------- #
-_SITECUSTOMIZE = '''\
+_SITECUSTOMIZE = """\
 import os
 if os.environ.get("CACHEKIT_FAULT_DIR"):
     try:
-        from cachekit.reliability import install_hooks
+        import sys
+        if {root!r} not in sys.path:
+            sys.path.append({root!r})
+        from {module} import install_hooks
         install_hooks()
     except Exception as exc:  # never break the child itself
         import sys
-        sys.stderr.write(f"cachekit fault hooks not installed: {exc}\\n")
-'''
+        sys.stderr.write(f"cachekit fault hooks not installed: {{exc}}\\n")
+"""
+
+
+def harness_import() -> tuple[str, str]:
+    """(sys.path entry, module name) under which a child process imports this module: `tests.harness.
+    reliability` below the repo root (python -m from the root), `harness.reliability` below tests/ (pytest
+    puts tests/ on sys.path, as for conftest)."""
+    spec = globals().get("__spec__")
+    name = spec.name if spec is not None and spec.name else __name__
+    if name == "__main__":  # run as a file: the repo layout is known
+        name = "tests.harness.reliability"
+    root = Path(__file__).resolve().parents[name.count(".")]
+    return str(root), name
 
 
 def _event(kind: str, detail: str = ""):
@@ -84,60 +187,59 @@ def _event(kind: str, detail: str = ""):
 
 
 def install_hooks():
-    """Wrap cachekit's publish (and, when asked, SAFE's epochs and the sweep's rows) to log events
-    and pause. Called in child processes by the generated sitecustomize."""
-    from cachekit import store
-
+    """Wrap the PATCH_POINTS publish (and, when asked, safe_fit and runner_run) to log events and pause.
+    Called in child processes by the generated sitecustomize."""
     before = os.environ.get("CACHEKIT_FAULT_PAUSE_BEFORE")
     after = os.environ.get("CACHEKIT_FAULT_PAUSE_AFTER")
-    real_publish = store.publish
 
-    def publish(tmp, final):
-        name = Path(final).name
-        if before and fnmatch.fnmatch(name, before):
-            _event("pause-before", name)
-            time.sleep(PAUSE_S)
-        real_publish(tmp, final)
-        _event("published", name)
-        if after and fnmatch.fnmatch(name, after):
-            _event("pause-after", name)
-            time.sleep(PAUSE_S)
+    def publish_wrapper(real_publish):
+        def publish(tmp, final):
+            name = Path(final).name
+            if before and fnmatch.fnmatch(name, before):
+                _event("pause-before", name)
+                time.sleep(PAUSE_S)
+            real_publish(tmp, final)
+            _event("published", name)
+            if after and fnmatch.fnmatch(name, after):
+                _event("pause-after", name)
+                time.sleep(PAUSE_S)
 
-    store.publish = publish
+        return publish
+
+    patch("publish", publish_wrapper)
     epoch_delay = float(os.environ.get("CACHEKIT_FAULT_EPOCH_DELAY", "0") or 0)
     if epoch_delay:
-        from cachekit.methods import safe
+        def fit_wrapper(real_fit):
+            def fit(*args, callback=None, **kw):
+                def cb(entry):
+                    if callback is not None:
+                        callback(entry)
+                    _event("epoch", str(entry.get("epoch", "")))
+                    time.sleep(epoch_delay)
 
-        real_fit = safe.fit
+                return real_fit(*args, callback=cb, **kw)
 
-        def fit(*args, callback=None, **kw):
-            def cb(entry):
-                if callback is not None:
-                    callback(entry)
-                _event("epoch", str(entry.get("epoch", "")))
-                time.sleep(epoch_delay)
+            return fit
 
-            return real_fit(*args, callback=cb, **kw)
-
-        safe.fit = fit
+        patch("safe_fit", fit_wrapper)
     row_delay = float(os.environ.get("CACHEKIT_FAULT_ROW_DELAY", "0") or 0)
     pause_row = int(os.environ.get("CACHEKIT_FAULT_PAUSE_ROW", "0") or 0)
     if row_delay or pause_row:
-        from cachekit import runner
+        def run_wrapper(real_run):
+            done = [0]
 
-        real_run = runner.Runner.run
-        done = [0]
+            def run(self, *args, **kw):
+                if pause_row and done[0] == pause_row:  # the first `pause_row` rows are written and fsync'd
+                    _event("pause-row", str(done[0]))
+                    time.sleep(PAUSE_S)
+                rec = real_run(self, *args, **kw)
+                done[0] += 1
+                time.sleep(row_delay)
+                return rec
 
-        def run(self, *args, **kw):
-            if pause_row and done[0] == pause_row:  # the first `pause_row` rows are written and fsync'd
-                _event("pause-row", str(done[0]))
-                time.sleep(PAUSE_S)
-            rec = real_run(self, *args, **kw)
-            done[0] += 1
-            time.sleep(row_delay)
-            return rec
+            return run
 
-        runner.Runner.run = run
+        patch("runner_run", run_wrapper)
 
 
 def hook_env(events_dir: Path, **extra) -> dict:
@@ -146,10 +248,13 @@ def hook_env(events_dir: Path, **extra) -> dict:
     events_dir.mkdir(parents=True, exist_ok=True)
     site = events_dir / "_site"
     site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    root, module = harness_import()
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(root=root, module=module))
     env = dict(os.environ)
     env.pop("CACHEKIT_UNIT_DELAY", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # the sitecustomize first, then the folder the harness is imported from (the sitecustomize imports it)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(site)] + rest + ([root] if root not in rest else []))
     env[FAULT_DIR] = str(events_dir)
     env.setdefault("OMP_NUM_THREADS", "2")
     env["PYTHONUNBUFFERED"] = "1"
@@ -171,9 +276,8 @@ def read_events(events_dir: Path) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------- #
-# small helpers: trees, HDF5 comparison, the CLI in-process
+# small helpers: HDF5 comparison, the CLI in-process
 # --------------------------------------------------------------------------------------------- #
-from .synthetic import make_tree  # noqa: E402  (re-exported: the harness builds its trees with it)
 
 
 def h5_contents(path) -> tuple[dict, dict]:
@@ -224,6 +328,12 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def terminal_lines(text: str) -> list[str]:
+    """Lines as a terminal shows them: split at newlines only (str.splitlines also splits at control
+    characters such as \x1c-\x1e, \x0b, \x0c, \x85 that an echoed input may contain)."""
+    return [ln.rstrip("\r") for ln in text.split("\n")] if text else []
+
+
 @dataclass
 class CliResult:
     code: int
@@ -233,7 +343,7 @@ class CliResult:
 
     @property
     def error_lines(self) -> list[str]:
-        return [ln for ln in self.stderr.splitlines() if ln.startswith("Error:")]
+        return [ln for ln in terminal_lines(self.stderr) if ln.startswith("Error:")]
 
     @property
     def first_line(self) -> str:
@@ -241,7 +351,7 @@ class CliResult:
             return f"TRACEBACK {self.exc}"
         if self.error_lines:
             return self.error_lines[0]
-        lines = [ln for ln in (self.stdout + self.stderr).splitlines() if ln.strip()]
+        lines = [ln for ln in terminal_lines(self.stdout + self.stderr) if ln.strip()]
         return lines[-1] if lines else ""
 
 
@@ -301,7 +411,8 @@ def one_line_error_problems(r: CliResult, needles=()) -> list[str]:
         p.append(f"{len(errs)} 'Error:' lines in stderr, expected 1: {r.stderr.strip()[-300:]!r}")
     elif r.code == 1:
         # cachekit's own informational lines (NOTE: ..., weights: ...) may come before the error
-        other = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("Error:", "NOTE:", "weights:"))]
+        other = [ln for ln in terminal_lines(r.stderr)
+                 if ln.strip() and not ln.startswith(("Error:", "NOTE:", "weights:"))]
         if other:
             p.append(f"stderr has more than the error line: {other[:3]}")
     for n in needles:
@@ -936,8 +1047,6 @@ def check_shards(base: Base, work: Path, concurrent: bool = True) -> list[tuple[
 def check_overwrite_resume(base: Base, work: Path) -> list[tuple[str, bool, str]]:
     """`extract --overwrite` interrupted (SIGINT) part-way, then rerun as its message says: the batches
     already encoded must not be encoded again (at scale they are hours of GPU time)."""
-    import cachekit.extract as ex
-
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     out = work / "ow.h5"
@@ -954,18 +1063,20 @@ def check_overwrite_resume(base: Base, work: Path) -> list[tuple[str, bool, str]
     done = len(list(out.with_name(out.name + ".parts").glob("seg-*.h5")))
     rerun = [a for a in args if a != "--overwrite"] if "without --overwrite" in msg else args
     encoded = []
-    real = ex.publish
 
-    def counting(tmp, final):
-        if Path(final).name.startswith("seg-"):
-            encoded.append(Path(final).name)
-        return real(tmp, final)
+    def counting_wrapper(real):
+        def counting(tmp, final):
+            if Path(final).name.startswith("seg-"):
+                encoded.append(Path(final).name)
+            return real(tmp, final)
 
-    ex.publish = counting
+        return counting
+
+    undo = patch("extract_publish", counting_wrapper)
     try:
         r = run_cli(rerun)
     finally:
-        ex.publish = real
+        undo()
     prob = []
     if rc != 130 or not reached:
         prob.append(f"the interrupted run exited {rc}")
@@ -1908,10 +2019,10 @@ def write_report(path: Path, trials: list[Trial], extra_faults: list[tuple[str, 
     lines = [
         "# Reliability report",
         "",
-        f"Generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')} by `cachekit.reliability` "
+        f"Generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')} by `tests/harness/reliability.py` "
         f"(cachekit {__version__}) in {seconds / 60:.1f} min on {machine()}.",
         "",
-        f"Reproduce: `{' '.join(argv)}` (or `make reliability`), as root for the tmpfs / read-only bind mounts "
+        f"Reproduce, from the repo root: `{' '.join(argv)}` (or `make reliability`), as root for the tmpfs / read-only bind mounts "
         "(without them ENOSPC/EROFS are injected in-process). Tests: `pytest tests/test_reliability.py "
         "tests/test_fuzz.py` (fast), `pytest -m slow tests/test_reliability.py` (many random kill points). "
         "`$WORK` below is the scratch folder.",
@@ -1925,7 +2036,7 @@ def write_report(path: Path, trials: list[Trial], extra_faults: list[tuple[str, 
         "state equals an uninterrupted run (every dataset of the cache or stored result bit-exact, sweep rows "
         "with the same row_key/metrics/params and no duplicates, the cache file unchanged by refine/fit-safe/"
         "sweep, `verify` passing) and no `.tmp`/`.parts` is left behind. Kill points are reached through "
-        "progress events logged by hooks in the child (see the docstring of `cachekit/reliability.py`), then a "
+        "progress events logged by hooks in the child (see the docstring of `tests/harness/reliability.py`), then a "
         "seeded random extra delay, so they land at the same place on a fast or a loaded machine.",
         "",
         f"Per command and signal: one fixed scenario (with checks against the live writer) and {kills} seeded "
@@ -1996,10 +2107,10 @@ def write_report(path: Path, trials: list[Trial], extra_faults: list[tuple[str, 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m cachekit.reliability", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tests.harness.reliability", description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=3, help="random kill points per command and signal")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="docs/reliability.md")
+    ap.add_argument("--out", required=True, help="the report to write (make reliability: docs/reliability.md)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--commands", default=",".join(COMMANDS))
     ap.add_argument("--parallel", type=int, default=4, help="children killed at the same time")
@@ -2035,7 +2146,7 @@ def main(argv=None):
                 print(f"{'ok  ' if b.ok else ('BUG ' if case.bug else 'FAIL')} {case.id}: "
                       f"{'; '.join(b.problems) or (b.result.first_line if b.result else '')}", file=sys.stderr)
                 bad.append(b)
-        cmdline = ["python", "-m", "cachekit.reliability"] + (argv if argv is not None else sys.argv[1:])
+        cmdline = ["python", "-m", "tests.harness.reliability"] + (argv if argv is not None else sys.argv[1:])
         write_report(Path(a.out), trials, extra, bad, cmdline, time.monotonic() - t0, a.kills, a.seed, work)
         print(f"wrote {a.out}", file=sys.stderr)
         failed = [t for t in trials if not t.survived] + [x for x in extra if not x[1]]
