@@ -1,11 +1,13 @@
 """Benchmarks: every figure is a ratio against a baseline measured in the same run.
 
-Each `bench_*` function is pure in the sense that it returns a JSON-able dict and prints nothing; the files
-it needs (generated images, small caches) go into a temporary folder that is removed afterwards. Every
-result carries the machine (CPU model, cores, torch version and threads, device, load average), the date,
-the exact `cachekit bench ...` command that reproduces it, the parameters, a `ratios` dict (baseline time /
-cachekit time, or cachekit throughput / baseline throughput: higher is better for cachekit), and a `table`
-rendered into docs/benchmarks.md by `render_markdown` / `write_docs_section`.
+Each `bench_*` function is pure in the sense that it returns a JSON-able dict and prints nothing (progress
+goes to its `progress` callback, see cachekit.progress); the files it needs (generated images, small caches)
+go into a temporary folder that is removed afterwards. Every result carries the machine (CPU model, cores,
+torch version and threads, device, load average), the date, the exact `cachekit bench ...` command that
+reproduces it, the parameters, a `ratios` dict (baseline time / cachekit time, or cachekit throughput /
+baseline throughput: higher is better for cachekit), and a `table`, rendered as a markdown section by
+`render_markdown` and written into a document the caller names by `write_docs_section(res, path)` (the CLI's
+`--docs PATH`; nothing is derived from where the package is installed).
 
 Where a baseline is too slow to run in full it is timed on a part and extrapolated linearly; the result
 then says so (`extrapolated: true` and a note), and so does the table.
@@ -29,14 +31,28 @@ import numpy as np
 import torch
 
 from .errors import CachekitError
+from .progress import Counter, Progress, tick
 from .store import os_errors
 
 BENCHES = ("refine", "grid", "io", "safe", "extract")
-DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 RATIO_MEANING = "higher is better for cachekit: baseline time / cachekit time (or cachekit rate / baseline rate)"
 
 
 # --------------------------------------------------------------------------------------------- common
+class _Phases:
+    """Progress of one benchmark: task `bench NAME`, one unit per phase, the phase now running as info.
+    Reported between timed regions, never inside one."""
+
+    def __init__(self, progress: Progress | None, name: str, phases: list[str]):
+        self.progress, self.task, self.phases, self.done = progress, f"bench {name}", list(phases), 0
+        tick(progress, self.task, 0, len(self.phases), "phase", now=self.phases[0])
+
+    def next(self):
+        self.done = min(self.done + 1, len(self.phases))
+        info = {"now": self.phases[self.done]} if self.done < len(self.phases) else {}
+        tick(self.progress, self.task, self.done, len(self.phases), "phase", **info)
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -308,7 +324,7 @@ def _synthetic_keys(C: int, S: int, D: int, seed: int, dtype=torch.float32, unev
 
 def bench_refine(classes: int = 1000, shots: int = 16, dim: int = 1024, pairs: int = 2000, repeats: int = 5,
                  check_classes: int = 7, check_shots: int = 4, check_dim: int = 48, seed: int = 0,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, progress: Progress | None = None) -> dict:
     """Closed-form APE channel criterion (`refine.scores`, O(C S D)) vs the literal pairwise loop
     (O(C^2 S^2 D)). The loop is timed on `pairs` random ordered class pairs and extrapolated linearly to
     all C(C-1) of them (unless `pairs` covers them all)."""
@@ -320,9 +336,11 @@ def bench_refine(classes: int = 1000, shots: int = 16, dim: int = 1024, pairs: i
                check_shots=check_shots, check_dim=check_dim, seed=seed, threads=threads)
     with _threads(threads):
         res = _result("refine", dict(cli), cli, "cpu")
+        steps = _Phases(progress, "refine", ["closed form", "literal loop", "agreement check"])
         W, F, y = _synthetic_keys(classes, shots, dim, seed)
 
         t_closed = _median_time(lambda: refine.scores(W, F, y), repeats=repeats)
+        steps.next()
 
         total_pairs = classes * (classes - 1)
         t_setup, members = _timed(lambda: literal_members(W, F, y))
@@ -337,6 +355,7 @@ def bench_refine(classes: int = 1000, shots: int = 16, dim: int = 1024, pairs: i
         t_pairs, _ = _timed(lambda: literal_pair_sum(members, sample))
         extrapolated = len(sample) < total_pairs
         t_literal = t_setup + t_pairs * total_pairs / len(sample)
+        steps.next()
 
         # Agreement on a small case (uneven class sizes), both in float64.
         Wc, Fc, yc = _synthetic_keys(check_classes, check_shots, check_dim, seed + 1, torch.float64, uneven=True)
@@ -346,6 +365,7 @@ def bench_refine(classes: int = 1000, shots: int = 16, dim: int = 1024, pairs: i
         Wt = Wc[:, :]
         diff_text = float((refine.scores(Wt, None, None, text_only=True).double()
                            - literal_scores(Wt, None, None)).abs().max())
+        steps.next()
 
     res["closed_form"] = {"seconds": t_closed, "function": "cachekit.methods.refine.scores"}
     res["literal"] = {"seconds": t_literal, "extrapolated": extrapolated, "pairs_timed": len(sample),
@@ -451,7 +471,8 @@ def _synthetic_search_features(C, S, M, D, seed):
 def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: int = 100, views: int = 10,
                model: str = "RN-tiny", batch_size: int = 64, workers: int = 0, device: str = "cpu",
                dim: int = 1024, top_k: int = 500, naive_points: int = 100, check_n=(6, 4, 4),
-               ape_configs: int = 100, seed: int = 0, threads: int | None = None, workdir=None) -> dict:
+               ape_configs: int = 100, seed: int = 0, threads: int | None = None, workdir=None,
+               progress: Progress | None = None) -> dict:
     """(a) `configs` Tip/APE configurations through `Runner` on one cache vs re-running the authors'
     pipeline (extract, then search) per configuration; (b) the vectorised APE search `ape.select` vs a
     naive per-point loop over the (beta, alpha, gamma) grid; (c) an APE sweep grid of `ape_configs`
@@ -478,6 +499,9 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
                naive_points=naive_points, check_n=check_n, ape_configs=ape_configs, seed=seed, threads=threads)
     with _threads(threads), _workdir(workdir) as wd:
         res = _result("grid", dict(cli), cli, device)
+        steps = _Phases(progress, "grid", ["(a) images and extract", "(a) configurations on the cache",
+                                           "(b) vectorised search and its floor", "(b) naive loop",
+                                           "(b) same-pick check", "(c) APE sweep grid"])
         # (a) one real cache: generated JPEGs -> extract with the CLIP model.
         tree = _make_images(wd / "images", {"train": classes * shots, "val": val}, classes, size=(80, 60),
                             seed=seed)
@@ -485,6 +509,7 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
                               views=views, batch_size=batch_size, workers=workers, device=device,
                               init_seed=seed, overwrite=True)
         t_extract, summary = _timed(lambda: extract(opts), device)
+        steps.next()
         n_encoded = classes * shots * (views + 1) + val
         cfgs = None
         run_times = []
@@ -493,9 +518,13 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
             cfgs = grid_configs(configs, D)
             runner = Runner(c)
             t_load, _ = _timed(lambda: runner.inputs(shots, 1))
+            done = Counter(progress, "bench grid (a) configurations", total=len(cfgs), unit="config")
             for method, ov in cfgs:
                 t, _ = _timed(lambda: runner.run(method, shots, 1, ov))
                 run_times.append((method, t))
+                done.advance()
+            done.close()
+        steps.next()
         sum_runs = sum(t for _, t in run_times)
         cached_total = t_extract + t_load + sum_runs
         authors_total = configs * t_extract + sum_runs
@@ -510,6 +539,7 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
         # The floor of any exact search that visits every point: producing the cache values, no counting.
         t_floor, n_values = _timed(lambda: ape.cache_values_only(vfb, vyb, Wb, Fb, Lb, kyb, idx, s=(7, 7, 1),
                                                                  n=full_n))
+        steps.next()
         zb = zeroshot.logits(vfb, Wb)
         F_r, W_r = refine(Fb, idx), refine(Wb, idx)
         Ab = refine(vfb, idx) @ F_r.t()
@@ -521,6 +551,7 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
                                                           alphas, gammas))
         naive_extrapolated = npts < len(all_points)
         t_naive = t_naive_part * len(all_points) / npts
+        steps.next()
         # Same pick on a reduced grid: the naive loop over every point vs ape.select.
         cb, ca, cg = beta_grid(7, check_n[0]), alpha_grid(7, check_n[1]), gamma_grid(1, check_n[2])
         cpoints = _grid_points(check_n)
@@ -530,6 +561,7 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
         vec_sel = ape.select(vfb, vyb, Wb, Fb, Lb, kyb, idx, s=(7, 7, 1), n=check_n)
         vec_pick = tuple(int(x) for x in vec_sel.extra["grid_index"])
         zs_acc = float((zb.argmax(dim=-1) == vyb).float().mean() * 100)
+        steps.next()
 
         # (c) an APE sweep grid on the (b) features, each configuration as Runner.run("ape") does it.
         xb = Inputs(W=Wb, F=Fb, key_labels=kyb, L=Lb, val_f=vfb, val_y=vyb, test_f=vfb, test_y=vyb)
@@ -542,6 +574,7 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
                 searches.select((shots, 1), xb, idx_c, (7, 7, 1), full_n)
 
         t_sweep, _ = _timed(sweep_c)
+        steps.next()
         n_searched = len(searches)
         t_authors_c = len(ape_cfgs) * t_extract + t_sweep  # re-extract per configuration, same searches
         ratio_c = t_authors_c / (t_extract + t_sweep)
@@ -672,7 +705,7 @@ def _warm_page_cache(paths):
 
 def bench_io(images: int = 512, dense_shape=(2048, 7, 7), dtype: str = "float16", batch: int = 64,
              repeats: int = 3, cold: bool = True, cache: str | None = None, split: str = "val", seed: int = 0,
-             threads: int | None = None, workdir=None) -> dict:
+             threads: int | None = None, workdir=None, progress: Progress | None = None) -> dict:
     """Read throughput of dense maps from a cache (`Cache.dense` sequential batches, `DenseSource.get`
     random batches) vs numpy reads of the same bytes from a .npy, warm and (with `cold`) after dropping
     the files from the page cache."""
@@ -687,6 +720,7 @@ def bench_io(images: int = 512, dense_shape=(2048, 7, 7), dtype: str = "float16"
                cache=cache, split=split, seed=seed, threads=threads)
     with _threads(threads), _workdir(workdir) as wd:
         res = _result("io", dict(cli), cli, "cpu")
+        steps = _Phases(progress, "io", ["maps to read", "timed reads"])
         npy = wd / "dense.npy"
         if cache is None:
             rng = np.random.default_rng(seed)
@@ -762,6 +796,8 @@ def bench_io(images: int = 512, dense_shape=(2048, 7, 7), dtype: str = "float16"
         states = (["cold"] if cold else []) + ["warm"]
         times: dict[str, dict[str, list[float]]] = {s: {m: [] for m in modes} for s in states}
         dropped = False
+        steps.next()
+        reads = Counter(progress, "bench io reads", total=repeats * len(states) * len(modes), unit="read")
         for _ in range(repeats):
             for state in states:
                 for name, fn in modes.items():
@@ -771,6 +807,9 @@ def bench_io(images: int = 512, dense_shape=(2048, 7, 7), dtype: str = "float16"
                         _warm_page_cache(files)
                     t, _ = _timed(fn)
                     times[state][name].append(t)
+                    reads.advance()
+        reads.close()
+        steps.next()
         fs_type = _fs_type(wd)
 
     gbs = {s: {m: nbytes / statistics.median(v) / 1e9 for m, v in d.items()} for s, d in times.items()}
@@ -918,7 +957,7 @@ def usual_safe_epochs(visual, ds, labels, W, params, heads, config, workers: int
 
 def bench_safe(images: int = 32, epochs: int = 1, model: str = "RN50", views: int = 1, batch_size: int = 16,
                classes: int = 4, device: str = "cpu", workers: int = 0, image_size=(320, 240), repeats: int = 1,
-               seed: int = 1, threads: int | None = None, workdir=None) -> dict:
+               seed: int = 1, threads: int | None = None, workdir=None, progress: Progress | None = None) -> dict:
     """Seconds per SAFE epoch on cached dense maps (in memory and streamed from HDF5) vs the usual way:
     decode + augment JPEGs, frozen trunk forward, the same attnpool training step. Same samples, batches,
     batch size and machine, one run."""
@@ -936,6 +975,8 @@ def bench_safe(images: int = 32, epochs: int = 1, model: str = "RN50", views: in
     cuda = device.startswith("cuda")
     with _threads(threads), _workdir(workdir) as wd:
         res = _result("safe", dict(cli), cli, device)
+        steps = _Phases(progress, "safe", ["images and model", "dense maps (one-time)", "warm-up fit",
+                                           "timed epochs"])
         root = _make_images(wd / "images", {"train": images}, classes, size=image_size, seed=seed)
         rels = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
         img_labels = torch.tensor([int(Path(r).parent.name.split("_")[1]) for r in rels])
@@ -952,6 +993,7 @@ def bench_safe(images: int = 32, epochs: int = 1, model: str = "RN50", views: in
         g = torch.Generator().manual_seed(seed)
         W = torch.nn.functional.normalize(torch.randn(classes, D, generator=g), dim=-1)
         config = safe.SafeConfig(epochs=epochs, batch_size=batch_size, warmup_epochs=0, device=device, seed=seed)
+        steps.next()
 
         # One-time extraction of the dense maps of every sample (the cache's job; not part of an epoch).
         n = len(ds)
@@ -967,6 +1009,7 @@ def bench_safe(images: int = 32, epochs: int = 1, model: str = "RN50", views: in
         del maps
         h5 = _write_dense_cache(wd / "safe.h5", (dense[s:s + 64].numpy() for s in range(0, n, 64)), n,
                                 tuple(dense.shape[1:]), "float16", labels=labels.numpy(), split="val")
+        steps.next()
 
         def fit_on(source):
             stamps = []
@@ -982,12 +1025,19 @@ def bench_safe(images: int = 32, epochs: int = 1, model: str = "RN50", views: in
         m = min(n, batch_size)
         safe.fit(safe.TensorSource(dense[:m]), labels[:m], W, params0, heads,
                  safe.SafeConfig(epochs=1, batch_size=m, warmup_epochs=0, device=device, seed=seed))
+        steps.next()
         runs = {"usual": [], "mem": [], "h5": []}
+        done = Counter(progress, "bench safe runs", total=3 * repeats, unit="run")
         for _ in range(repeats):  # interleaved, so a change in machine load hits all three alike
             runs["usual"].append(usual_safe_epochs(visual, ds, labels, W, params0, heads, config, workers=workers))
+            done.advance(last="usual")
             runs["mem"].append(fit_on(safe.TensorSource(dense)))
+            done.advance(last="in memory")
             with Cache(h5, check=False) as c:
                 runs["h5"].append(fit_on(c.dense_source("val")))
+            done.advance(last="hdf5")
+        done.close()
+        steps.next()
 
     def med(key, runs_):
         return statistics.median(r[key] for r in runs_)
@@ -1043,7 +1093,8 @@ def bench_safe(images: int = 32, epochs: int = 1, model: str = "RN50", views: in
 # --------------------------------------------------------------------------------------------- 5. extract
 def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", batch_size: int = 32,
                   workers: int = 0, views: int = 0, classes: int = 4, image_size=(500, 375), decode: str = "pil",
-                  seed: int = 0, threads: int | None = None, workdir=None) -> dict:
+                  seed: int = 0, threads: int | None = None, workdir=None,
+                  progress: Progress | None = None) -> dict:
     """Images/s of a full `extract` from JPEG files vs the bare `encode_image` forward on the same
     preprocessed batches, in one run; decode "both" times extract with Pillow and with device decoding."""
     from .augment import AugmentedView, plain_transform
@@ -1064,14 +1115,18 @@ def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", ba
     n_val = images - n_train
     with _threads(threads), _workdir(workdir) as wd:
         res = _result("extract", dict(cli), cli, device)
-        root = _make_images(wd / "images", {"train": n_train, "val": n_val}, classes, size=image_size, seed=seed)
         decodes = ["pil", "device"] if decode == "both" else [decode]
+        steps = _Phases(progress, "extract", ["images"] + [f"extract --decode {d}" for d in decodes]
+                        + ["bare forward"])
+        root = _make_images(wd / "images", {"train": n_train, "val": n_val}, classes, size=image_size, seed=seed)
+        steps.next()
         t_by_decode = {}
         for dec in decodes:
             opts = ExtractOptions(data=str(root), out=str(wd / f"extract-{dec}.h5"), model=model,
                                   shots=(n_train // classes,), seeds=(1,), views=views, batch_size=batch_size,
                                   workers=workers, device=device, init_seed=seed, overwrite=True, decode=dec)
             t_by_decode[dec], summary = _timed(lambda: extract(opts), device)
+            steps.next()
         t_extract = t_by_decode[decodes[0]]
         encoded = n_train * (views + 1) + n_val
 
@@ -1104,6 +1159,7 @@ def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", ba
                 enc.encode_image(x).float().cpu()
             _sync(device)
             t_bare = time.perf_counter() - t0
+        steps.next()
 
     ips_extract = encoded / t_extract
     ips_bare = len(entries) / t_bare
@@ -1147,7 +1203,7 @@ def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", ba
 
 # --------------------------------------------------------------------------------------------- docs
 def render_markdown(res: dict) -> str:
-    """The docs/benchmarks.md section of one result (without the markers)."""
+    """The markdown section of one result (without the markers), as in docs/benchmarks.md."""
     m = res["machine"]
     dev = m["device"] if m["device"] == "cpu" else f"{m['device']} ({m['device_name']})"
     head = res["table"]["header"]
@@ -1191,9 +1247,12 @@ def replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
-def write_docs_section(res: dict, path=None) -> Path:
-    """Replace this result's section of docs/benchmarks.md (or `path`), written atomically."""
-    path = Path(path) if path is not None else DOCS_PATH
+def write_docs_section(res: dict, path) -> Path:
+    """Replace this result's section (`res["docs_section"]`, default its name) of the markdown file `path`,
+    written atomically; a missing file is created with a title. Only `path` is written."""
+    if path is None:
+        raise CachekitError("no benchmarks document given; fix: name the markdown file to update (--docs PATH)")
+    path = Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     new = replace_section(text, res.get("docs_section") or res["bench"], render_markdown(res))
     tmp = path.with_name(path.name + ".tmp")

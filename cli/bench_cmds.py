@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .common import CONTEXT, emit_json, friendly, int_list, note, table
+from .progress_view import ProgressView
 
 
 def _shape(ctx, param, value):
@@ -29,25 +30,31 @@ def _common(fn):
 
     @friendly
     @functools.wraps(fn)
-    def run(as_json, out_path, write_docs, docs_path, docs_section, **kw):
-        _finish(fn(**kw), as_json, out_path, write_docs, docs_path, docs_section)
+    def run(as_json, quiet, out_path, docs_path, docs_section, **kw):
+        view = ProgressView(quiet=quiet or as_json)
+        try:
+            res = fn(progress=view, **kw)
+        finally:
+            view.close()
+        _finish(res, as_json, out_path, docs_path, docs_section)
 
     run = click.option("--docs-section", default=None,
-                       help="Name of the section --write-docs replaces (default: the benchmark's name), to keep "
+                       help="Name of the section --docs replaces (default: the benchmark's name), to keep "
                             "runs at several sizes side by side.")(run)
     run = click.option("--docs", "docs_path", type=click.Path(dir_okay=False), default=None,
-                       help="Benchmarks document to update with --write-docs (default: docs/benchmarks.md).")(run)
-    run = click.option("--write-docs", is_flag=True,
-                       help="Replace this benchmark's section (between its markers) in docs/benchmarks.md.")(run)
+                       help="Markdown file to update: this benchmark's section (between its <!-- bench:NAME --> "
+                            "markers) is replaced, or appended; e.g. docs/benchmarks.md. Without it no document "
+                            "is written.")(run)
     run = click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
                        help="Save the JSON result to this file.")(run)
-    run = click.option("--json", "as_json", is_flag=True, help="Print the JSON result on stdout.")(run)
+    run = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")(run)
+    run = click.option("--json", "as_json", is_flag=True, help="Print the JSON result on stdout (no progress).")(run)
     run = click.option("--threads", type=click.IntRange(min=1), default=None,
                        help="torch threads for the run (default: torch's own). 1 is steadier on a shared machine.")(run)
     return run
 
 
-def _finish(res: dict, as_json: bool, out_path, write_docs: bool, docs_path, docs_section=None):
+def _finish(res: dict, as_json: bool, out_path, docs_path, docs_section=None):
     from cachekit.bench import write_docs_section
     from cachekit.store import os_errors
 
@@ -60,7 +67,7 @@ def _finish(res: dict, as_json: bool, out_path, write_docs: bool, docs_path, doc
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
         note(f"saved {p}")
-    if write_docs:
+    if docs_path:
         note(f"updated section '{res.get('docs_section', res['bench'])}' of {write_docs_section(res, docs_path)}")
     if as_json:
         emit_json(res)
@@ -77,9 +84,9 @@ def _finish(res: dict, as_json: bool, out_path, write_docs: bool, docs_path, doc
 def bench():
     """Speed ratios of cachekit against the usual way, measured in the same run.
 
-    Every subcommand prints a table (or --json), can save it (--out) and can replace its own section of
-    docs/benchmarks.md (--write-docs). Baselines too slow to run in full are timed on a part and
-    extrapolated linearly; the output says so.
+    Every subcommand prints a table (or --json), can save it (--out) and can replace its own section of a
+    markdown file (--docs docs/benchmarks.md). Baselines too slow to run in full are timed on a part and
+    extrapolated linearly; the output says so. Progress goes to stderr (-q: none).
     """
 
 

@@ -1,4 +1,5 @@
-"""`cachekit bench`: result shape, positive finite ratios, the correctness checks, docs sections, CLI JSON.
+"""`cachekit bench`: result shape, positive finite ratios, the correctness checks, docs sections (only with
+--docs PATH), progress through the callback, CLI JSON.
 
 Tiny sizes only; nothing here asserts on speed.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,23 +166,33 @@ def test_replace_section():
 def _sections(text: str) -> dict[str, str]:
     import re
 
-    return {m.group(1): m.group(0) for m in re.finditer(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", text, re.S)}
+    return {m.group(1): m.group(0) for m in re.finditer(r"<!-- bench:([\w.-]+) -->.*?<!-- /bench:\1 -->", text, re.S)}
 
 
-def test_cli_write_docs_replaces_only_its_section(tmp_path):
-    real = B.DOCS_PATH
+REPO_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+TINY_REFINE = ["refine", "--classes", "6", "--shots", "1", "--dim", "8", "--pairs", "5", "--repeats", "1",
+               "--check-classes", "3", "--check-shots", "2", "--check-dim", "4", "--threads", "1"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_docs_replaces_only_its_section_of_the_given_file(tmp_path, monkeypatch):
+    """--docs PATH replaces this benchmark's section of PATH and writes no other file (not the repo's
+    docs/benchmarks.md, nothing in the working directory)."""
+    work = tmp_path / "cwd"
+    work.mkdir()
     doc = tmp_path / "benchmarks.md"
-    if real.exists():
-        shutil.copy(real, doc)
+    if REPO_DOC.exists():
+        shutil.copy(REPO_DOC, doc)
     else:
         doc.write_text("# Benchmarks\n\n<!-- bench:refine -->\nx\n<!-- /bench:refine -->\n\n<!-- bench:io -->\ny\n<!-- /bench:io -->\n")
     before = doc.read_text()
-    real_before = real.read_text() if real.exists() else None
+    repo_before = REPO_DOC.read_bytes() if REPO_DOC.exists() else None
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(bench_cli, ["refine", "--classes", "6", "--shots", "1", "--dim", "8", "--pairs", "5",
-                                         "--repeats", "1", "--check-classes", "3", "--check-shots", "2",
-                                         "--check-dim", "4", "--threads", "1", "--write-docs", "--docs", str(doc),
-                                         "--out", str(out), "--json"])
+    monkeypatch.chdir(work)
+    res = CliRunner().invoke(bench_cli, TINY_REFINE + ["--docs", str(doc), "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert json.loads(out.read_text())["ratios"] == d["ratios"]
@@ -192,8 +204,48 @@ def test_cli_write_docs_replaces_only_its_section(tmp_path):
         if name != "refine":
             assert sa[name] == sb[name]
     assert after.replace(sa["refine"], "@") == before.replace(sb["refine"], "@")
-    if real_before is not None:
-        assert real.read_text() == real_before  # the real document is untouched
+    assert sorted(_files(tmp_path)) == ["benchmarks.md", "r.json"]  # nothing else, not even a .tmp
+    if repo_before is not None:
+        assert REPO_DOC.read_bytes() == repo_before  # the repo's document is untouched
+
+
+def test_cli_docs_section_names_the_section(tmp_path):
+    doc = tmp_path / "b.md"
+    res = CliRunner().invoke(bench_cli, TINY_REFINE + ["--docs", str(doc), "--docs-section", "refine-small", "-q"])
+    assert res.exit_code == 0, res.output
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks") and set(_sections(text)) == {"refine-small"}
+    assert "--docs-section refine-small" in _sections(text)["refine-small"]
+
+
+def test_cli_without_docs_writes_no_document(tmp_path, monkeypatch):
+    """Without --docs, bench prints (and writes --out): no markdown anywhere, the repo's untouched."""
+    repo_before = REPO_DOC.read_bytes() if REPO_DOC.exists() else None
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(bench_cli, TINY_REFINE + ["--out", "r.json"])
+    assert res.exit_code == 0, res.output
+    assert sorted(_files(tmp_path)) == ["r.json"]
+    if repo_before is not None:
+        assert REPO_DOC.read_bytes() == repo_before
+    assert not hasattr(B, "DOCS_PATH")  # nothing is derived from where the package lies
+    with pytest.raises(Exception, match="--docs"):
+        B.write_docs_section(json.loads(CliRunner().invoke(bench_cli, TINY_REFINE + ["--json"]).stdout), None)
+
+
+def test_progress_is_a_callback_and_quiet_silences_it():
+    from cachekit.progress import Step
+
+    steps = []
+    B.bench_refine(classes=4, shots=1, dim=8, pairs=3, repeats=1, check_classes=3, check_shots=1, check_dim=4,
+                   threads=1, progress=steps.append)
+    assert steps and all(isinstance(s, Step) for s in steps)
+    mine = [s for s in steps if s.task == "bench refine"]
+    assert mine[0].done == 0 and mine[-1].done == mine[-1].total == 3
+    loud = CliRunner().invoke(bench_cli, TINY_REFINE)
+    quiet = CliRunner().invoke(bench_cli, TINY_REFINE + ["-q"])
+    assert loud.exit_code == quiet.exit_code == 0
+    assert "[bench refine]" in loud.stderr and "[bench refine]" not in quiet.stderr
+    assert "literal_over_closed" in quiet.stdout
 
 
 def test_cli_json_parses_and_help():
@@ -220,9 +272,9 @@ def test_cli_unwritable_out_and_docs_give_one_line_errors(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     base = ["refine", "--classes", "5", "--shots", "1", "--dim", "4", "--pairs", "3", "--repeats", "1",
-            "--check-classes", "3", "--check-shots", "1", "--check-dim", "4"]
+            "--check-classes", "3", "--check-shots", "1", "--check-dim", "4", "-q"]
     for extra, needle in ((["--out", str(afile / "r.json")], "--out"),
-                          (["--write-docs", "--docs", str(afile / "b.md")], "--docs path")):
+                          (["--docs", str(afile / "b.md")], "--docs path")):
         res = CliRunner().invoke(bench_cli, base + extra)
         assert res.exit_code == 1 and "Traceback" not in res.output
         err = [ln for ln in res.stderr.splitlines() if ln.strip()]
