@@ -1,11 +1,16 @@
 """Reading a cachekit cache: `open_cache(path)` and its typed accessors.
 
-The layout is documented in docs/cache-format.md; `tests/test_cache_format.py` checks that the
-document and the writer agree.
+The layout is `cachekit.schema` (documented in docs/cache-format.md). Opening a cache checks it against
+the schema once, without reading any array: every group and dataset present with its dtype and shape,
+every attribute present, of its type, valid JSON where it holds JSON, and equal to what the writer
+recorded (`/@attrs_sha256`). Any problem is one CachekitError naming the field and the fix. Whole
+datasets read through the accessors (labels, paths, few-shot rows, pooled features, text, attention-pooling
+weights, ...) are checked against their stored sha256 on first read; the dense maps, read row by row, are
+checked by `cachekit verify` only. `Cache(path, check=False)` skips all of this (for `verify`, which
+reports every problem itself).
 """
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -13,22 +18,26 @@ import h5py
 import numpy as np
 import torch
 
+from . import schema as S
 from .errors import CachekitError
+from .schema import Attr, AttnpoolAttr, FewshotAttr
 
-FORMAT = "cachekit"
-SCHEMA_VERSION = 1
-SPLIT_NAMES = ("train", "val", "test")
+FORMAT = S.FORMAT
+SCHEMA_VERSION = S.SCHEMA_VERSION
+SPLIT_NAMES = S.SPLITS
+
+_REBUILD = "rebuild it with `cachekit extract --overwrite`"
 
 
-REQUIRED_PATHS = (["classnames", "fewshot", "bad_images", "text/templates", "text/embeddings",
-                   "text/classifier", "model/logit_scale", "model/attnpool"]
-                  + [f"splits/{s}/{d}" for s in SPLIT_NAMES for d in ("paths", "labels", "dense", "pooled")])
-REQUIRED_ATTRS = ("identity", "views", "shots", "seeds", "embed_dim", "dense_shape", "dense_dtype", "created",
-                  "weights", "random_weights", "val_is_test", "model", "checkpoint")
+def _damaged(path, what: str, more: int = 0) -> CachekitError:
+    return CachekitError(f"cache {path} is damaged: {what}{f' (and {more} more problems)' if more else ''}; "
+                         f"fix: {_REBUILD} (`cachekit verify {path}` lists every problem)")
 
 
 def _open_h5(path: Path, check: bool = True) -> h5py.File:
-    """Open read-only with a clear one-line error for every way a path can fail to be a cache."""
+    """Open read-only with a clear one-line error for every way a path can fail to be a cache.
+    `check`: also compare the file with the schema (see the module doc); else open anything that looks
+    like a cache, for `verify` to report on."""
     if not path.exists():
         raise CachekitError(f"cache {path} does not exist; fix: build it with `cachekit extract`")
     if path.is_dir():
@@ -41,32 +50,33 @@ def _open_h5(path: Path, check: bool = True) -> h5py.File:
     except OSError as exc:
         raise CachekitError(f"cannot open {path} as HDF5 ({str(exc).splitlines()[0]}); "
                             "fix: the file is damaged, rebuild it with `cachekit extract`") from None
-    if f.attrs.get("format") != FORMAT:
+    try:
+        _check_open(f, path, check)
+    except BaseException:
         f.close()
-        raise CachekitError(f"{path} is an HDF5 file but not a cachekit cache; "
-                            "fix: give a cache made by `cachekit extract`")
-    v = int(f.attrs.get("schema_version", -1))
-    if v != SCHEMA_VERSION:
-        f.close()
-        raise CachekitError(f"{path} has cache schema version {v}, this cachekit reads {SCHEMA_VERSION}; "
-                            "fix: rebuild the cache with this cachekit version")
-    if check:
-        missing = [p for p in REQUIRED_PATHS if p not in f] + [f"@{a}" for a in REQUIRED_ATTRS if a not in f.attrs]
-        if missing:
-            f.close()
-            raise CachekitError(f"cache {path} is damaged: missing {', '.join(missing[:3])}"
-                                f"{' ...' if len(missing) > 3 else ''}; fix: rebuild it with "
-                                "`cachekit extract --overwrite` (`cachekit verify` lists every problem)")
+        raise
     return f
 
 
+def _check_open(f: h5py.File, path: Path, check: bool) -> None:
+    fmt = f.attrs.get(Attr.FORMAT)
+    if fmt != FORMAT and (check or S.SPLITS_GROUP not in f):
+        raise CachekitError(f"{path} is an HDF5 file but not a cachekit cache; "
+                            "fix: give a cache made by `cachekit extract`")
+    if not check:
+        return
+    v = f.attrs.get(Attr.SCHEMA_VERSION)
+    if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v != SCHEMA_VERSION:
+        raise CachekitError(f"{path} has cache schema version {int(v)}, this cachekit reads {SCHEMA_VERSION}; "
+                            f"fix: rebuild the cache with this cachekit version (`cachekit extract --overwrite`)")
+    problems, _ = S.check(f, extras=False)
+    if problems:
+        raise _damaged(path, str(problems[0]), len(problems) - 1)
+
+
 def read_identity(path) -> dict:
-    with _open_h5(Path(path)) as f:
-        return json.loads(f.attrs["identity"])
-
-
-def _strings(ds) -> list[str]:
-    return [x.decode() if isinstance(x, bytes) else str(x) for x in ds[()]]
+    with Cache(path) as c:
+        return c.meta[Attr.IDENTITY]
 
 
 class Cache:
@@ -74,7 +84,9 @@ class Cache:
 
     def __init__(self, path, check: bool = True):
         self.path = Path(path)
+        self.check = check
         self.file = _open_h5(self.path, check)
+        self._verified: set[str] = set()
 
     # context manager / lifetime
     def close(self):
@@ -86,35 +98,65 @@ class Cache:
     def __exit__(self, *exc):
         self.close()
 
+    # raw access, checked
+    def _obj(self, path: str):
+        obj = self.file.get(path)
+        if obj is None:
+            raise _damaged(self.path, f"{path} is missing")
+        return obj
+
+    def _dataset(self, path: str, verify: bool = True) -> h5py.Dataset:
+        """The dataset at `path`; on its first use with `verify` its data is checked against its stored
+        sha256 (when the cache was opened with check=True)."""
+        ds = self._obj(path)
+        if not isinstance(ds, h5py.Dataset):
+            raise _damaged(self.path, f"{path} is not a dataset")
+        if verify and self.check and path not in self._verified:
+            if ds.attrs.get(S.CHECKSUM) != S.dataset_checksum(ds):
+                raise _damaged(self.path, f"{path} does not match {S.attr_key(path, S.CHECKSUM)} "
+                                          "(its data changed after writing)")
+            self._verified.add(path)
+        return ds
+
+    def _read(self, path: str) -> np.ndarray:
+        return self._dataset(path)[()]
+
+    def _attr(self, path: str, name: str):
+        try:
+            return S.read_attr(self._obj(path), name)
+        except S.FieldError as exc:
+            raise _damaged(self.path, str(exc)) from None
+
     # metadata
     @cached_property
     def meta(self) -> dict:
-        out = {}
-        for k, v in self.file.attrs.items():
-            if isinstance(v, bytes):
-                v = v.decode()
-            if isinstance(v, np.generic):
-                v = v.item()
-            if k in ("preprocess", "augment", "shots", "seeds", "dataset", "identity", "dense_shape"):
-                v = json.loads(v)
-            out[k] = v
-        return out
+        """Root attributes, JSON ones decoded (with check=False a malformed one keeps its raw value)."""
+        try:
+            return S.read_attrs(self.file, lenient=not self.check)
+        except S.FieldError as exc:
+            raise _damaged(self.path, str(exc)) from None
+
+    def _meta(self, name: str):
+        m = self.meta
+        if name not in m:
+            raise _damaged(self.path, f"{S.attr_key(S.ROOT, name)} is missing")
+        return m[name]
 
     @property
     def random_weights(self) -> bool:
-        return bool(self.meta["random_weights"])
+        return bool(self._meta(Attr.RANDOM_WEIGHTS))
 
     @property
     def weights_label(self) -> str:
-        return self.meta["weights"]
+        return self._meta(Attr.WEIGHTS)
 
     @property
     def val_is_test(self) -> bool:
-        return bool(self.meta["val_is_test"])
+        return bool(self._meta(Attr.VAL_IS_TEST))
 
     @cached_property
     def classnames(self) -> list[str]:
-        return _strings(self.file["classnames"])
+        return S.strings(self._read(S.CLASSNAMES))
 
     @property
     def num_classes(self) -> int:
@@ -123,42 +165,46 @@ class Cache:
     @property
     def views(self) -> int:
         """Number of augmented train views (view 0, the plain view, comes on top)."""
-        return int(self.meta["views"])
+        return int(self._meta(Attr.VIEWS))
 
     @property
     def shots(self) -> list[int]:
-        return list(self.meta["shots"])
+        return list(self._meta(Attr.SHOTS))
 
     @property
     def seeds(self) -> list[int]:
-        return list(self.meta["seeds"])
+        return list(self._meta(Attr.SEEDS))
 
     @property
     def embed_dim(self) -> int:
-        return int(self.meta["embed_dim"])
+        return int(self._meta(Attr.EMBED_DIM))
 
     @property
     def dense_shape(self) -> tuple[int, ...]:
-        return tuple(self.meta["dense_shape"])
+        return tuple(self._meta(Attr.DENSE_SHAPE))
 
     # splits
     def _split(self, split: str) -> h5py.Group:
         if split not in SPLIT_NAMES:
             raise CachekitError(f"unknown split {split!r}; fix: one of {', '.join(SPLIT_NAMES)}")
-        return self.file["splits"][split]
+        return self._obj(S.split_path(split))
+
+    def _split_ds(self, split: str, name: str, verify: bool = True) -> h5py.Dataset:
+        self._split(split)
+        return self._dataset(S.split_path(split, name), verify)
 
     def labels(self, split: str) -> torch.Tensor:
-        return torch.from_numpy(self._split(split)["labels"][()]).long()
+        return torch.from_numpy(np.asarray(self._split_ds(split, S.LABELS)[()])).long()
 
     def paths(self, split: str) -> list[str]:
-        return _strings(self._split(split)["paths"])
+        return S.strings(self._split_ds(split, S.PATHS)[()])
 
     def num_images(self, split: str) -> int:
-        return int(self._split(split)["labels"].shape[0])
+        return int(self._split_ds(split, S.LABELS, verify=False).shape[0])
 
     def pooled(self, split: str, view: int | None = None, rows=None) -> torch.Tensor:
         """Raw (un-normalised) pooled features. Train: (V+1, N, D), or (N, D) for one `view`."""
-        ds = self._split(split)["pooled"]
+        ds = self._split_ds(split, S.POOLED)
         if split == "train":
             data = ds[()] if view is None else ds[view]
         else:
@@ -174,9 +220,13 @@ class Cache:
         """L2-normalised pooled features (N, D) of one view."""
         return torch.nn.functional.normalize(self.pooled(split, view=view, rows=rows), dim=-1)
 
+    def _dense_ds(self, split: str) -> h5py.Dataset:
+        # Read row by row: too large to hash on every open; `cachekit verify` checks its sha256.
+        return self._split_ds(split, S.DENSE, verify=False)
+
     def dense(self, split: str, rows, view: int = 0) -> torch.Tensor:
         """Dense maps (len(rows), C, H, W) as float32, read row by row (h5py fancy indexing is slow)."""
-        ds = self._split(split)["dense"]
+        ds = self._dense_ds(split)
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         out = np.empty((len(rows),) + ds.shape[-3:], dtype=ds.dtype)
         order = np.argsort(rows, kind="stable")
@@ -191,22 +241,23 @@ class Cache:
     # few-shot sets
     def fewshot_names(self) -> list[tuple[int, int]]:
         out = []
-        for name, ds in self.file["fewshot"].items():
-            out.append((int(ds.attrs["k"]), int(ds.attrs["seed"])))
+        for name in self._obj(S.FEWSHOT).keys():
+            path = f"{S.FEWSHOT}/{name}"
+            out.append((int(self._attr(path, FewshotAttr.K)), int(self._attr(path, FewshotAttr.SEED))))
         return sorted(out)
 
     def fewshot(self, k: int, seed: int) -> np.ndarray:
         """Rows of the train split (class-grouped, K per class) of the few-shot set (K, seed)."""
-        name = f"K{k}_seed{seed}"
-        if name not in self.file["fewshot"]:
+        path = S.fewshot_path(k, seed)
+        if path not in self.file:
             have = ", ".join(f"K={a} seed={b}" for a, b in self.fewshot_names())
             raise CachekitError(f"the cache has no few-shot set K={k} seed={seed}; fix: use one of {have}, "
                                 "or extract again with those --shots/--seeds")
-        return self.file["fewshot"][name][()]
+        return self._read(path)
 
     def with_replacement(self, k: int, seed: int) -> list[int]:
         self.fewshot(k, seed)
-        return json.loads(self.file["fewshot"][f"K{k}_seed{seed}"].attrs["with_replacement"])
+        return list(self._attr(S.fewshot_path(k, seed), FewshotAttr.WITH_REPLACEMENT))
 
     def train_labels(self, k: int, seed: int) -> torch.Tensor:
         return self.labels("train")[torch.from_numpy(self.fewshot(k, seed))]
@@ -230,26 +281,26 @@ class Cache:
 
     # text and model
     def text_classifier(self) -> torch.Tensor:
-        return torch.from_numpy(self.file["text/classifier"][()]).float()
+        return torch.from_numpy(self._read(S.CLASSIFIER)).float()
 
     def text_embeddings(self) -> torch.Tensor:
-        return torch.from_numpy(self.file["text/embeddings"][()]).float()
+        return torch.from_numpy(self._read(S.EMBEDDINGS)).float()
 
     def templates(self) -> list[str]:
-        return _strings(self.file["text/templates"])
+        return S.strings(self._read(S.TEMPLATES))
 
     @property
     def logit_scale(self) -> float:
-        return float(self.file["model/logit_scale"][()])
+        return float(self._read(S.LOGIT_SCALE))
 
     def attnpool_params(self) -> tuple[dict[str, torch.Tensor], int]:
-        g = self.file["model/attnpool"]
-        return {k: torch.from_numpy(g[k][()]).float() for k in g}, int(g.attrs["num_heads"])
+        params = {k: torch.from_numpy(np.asarray(self._read(S.attnpool_path(k)))).float()
+                  for k in self._obj(S.ATTNPOOL).keys()}
+        return params, int(self._attr(S.ATTNPOOL, AttnpoolAttr.NUM_HEADS))
 
     def bad_images(self) -> list[dict]:
-        g = self.file["bad_images"]
-        return [{"split": s, "path": p, "reason": r}
-                for s, p, r in zip(_strings(g["split"]), _strings(g["path"]), _strings(g["reason"]))]
+        cols = [S.strings(self._read(S.bad_images_path(c))) for c in S.BAD_IMAGE_COLUMNS]
+        return [dict(zip(S.BAD_IMAGE_COLUMNS, row)) for row in zip(*cols)]
 
 
 class DenseSource:
@@ -270,7 +321,7 @@ class DenseSource:
         return len(self._addr)
 
     def get(self, indices) -> torch.Tensor:
-        ds = self.cache._split(self.split)["dense"]
+        ds = self.cache._dense_ds(self.split)
         indices = np.atleast_1d(np.asarray(indices, dtype=np.int64))
         out = np.empty((len(indices),) + ds.shape[-3:], dtype=ds.dtype)
         for j in np.argsort(indices, kind="stable"):

@@ -5,6 +5,14 @@ written to `OUT.parts/seg-*.h5` and published atomically; a rerun of the same co
 published units. When every unit exists, the cache is assembled into `OUT.tmp` and renamed onto
 `OUT`. A kill at any moment therefore loses at most the batches in flight, and `OUT` is never
 half-written.
+
+The cache's layout is `cachekit.schema`; the assembly writes it through that module's names and
+helpers (`set_attrs`, `write_dataset`, `Checksum`, `seal`) and checks the result against it before
+publishing.
+
+Callbacks (the library never prints): `ExtractOptions.progress` receives `cachekit.progress.Step`
+reports ("check train images", "extract"); `ExtractOptions.on_unit` is called after each unit's
+segment is published (see ExtractOptions).
 """
 from __future__ import annotations
 
@@ -13,31 +21,36 @@ import datetime as _dt
 import json
 import os
 import queue
-import time
 import traceback
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import __version__
+from . import schema as S
 from .augment import AugmentedView, plain_transform
-from .cache import FORMAT, SCHEMA_VERSION, read_identity
+from .cache import read_identity
 from .data import check_image, jpeg_bytes, load_dataset, load_image, sample_fewshot
 from .errors import BadImageError, CacheInUseError, CachekitError
 from .models import attnpool_params, dense_and_pooled, encode_templates, load_model, text_classifier
-from .store import ArrayHasher, WriterLock, array_sha256, check_space, os_errors, publish, tmp_path, write_json_atomic
+from .progress import Counter, Progress
+from .schema import Attr, AttnpoolAttr, FewshotAttr, SplitAttr, TextAttr
+from .store import WriterLock, check_space, os_errors, publish, tmp_path, write_json_atomic
 from .templates import resolve_templates
 
-DENSE_DTYPES = ("float16", "float32")
-# Seconds to sleep after each batch: lets the kill tests hit a run part-way, on any machine.
-_UNIT_DELAY = float(os.environ.get("CACHEKIT_UNIT_DELAY", "0") or 0)
+DENSE_DTYPES = S.DENSE_DTYPES
+# The parts folder's own small files (not the cache; see cachekit.schema for that): a segment holds one
+# unit's maps, pooled features and bad-image reasons; text.h5 the text embeddings; plan.json the identity.
+_SEG_DENSE, _SEG_POOLED, _SEG_BAD = "dense", "pooled", "bad"
+_TEXT_EMB, _TEXT_TRUNCATED = "embeddings", "truncated_prompts"
+_PLAN_IDENTITY = "identity"
 
 
 @dataclass
@@ -63,13 +76,23 @@ class ExtractOptions:
     val_fraction: float = 0.2
     test_fraction: float = 0.3
     split_seed: int = 1
-    progress: bool = False
+    # Progress reports (cachekit.progress.Step) go here; the CLI passes cli.progress_view.ProgressView.
+    # None: nobody listens. A bool is accepted for old callers and means None (the library never prints).
+    progress: Progress | None = None
     num_shards: int = 1
     shard_index: int = 0
     amp_dtype: str = "float16"  # autocast dtype on CUDA (float16 or bfloat16); CPU runs in float32
     decode: str = "pil"  # "device": plain-view JPEGs decoded by torchvision.io.decode_jpeg on --device
-    # Test hook: stop (as if killed) after this many units were published in this run.
-    _stop_after_units: int | None = field(default=None, repr=False)
+    # Called after each unit (one batch of one split and view) is published as OUT.parts/seg-*.h5, in the
+    # writer thread, with {"split", "view", "start", "stop", "segment", "published", "total"}: `published`
+    # units of the `total` this call encodes are on disk. An exception raised here stops the extraction
+    # like a kill (published segments stay; the same call again resumes) and reaches the caller of
+    # extract(); a test stops after N units that way, and a fault-injection harness sleeps in it.
+    on_unit: Callable[[dict], None] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.progress, bool):
+            self.progress = None
 
     def validate(self):
         if not self.shots or any(int(k) < 1 for k in self.shots):
@@ -138,7 +161,7 @@ class _Rows(torch.utils.data.Dataset):
         return (self.plain(img) if view == 0 else self.aug(img, self.aug_seed, rel, view)), ""
 
 
-def _sample_sets(spec, opts: ExtractOptions, progress: bool):
+def _sample_sets(spec, opts: ExtractOptions, progress: Progress | None):
     """Few-shot sets for every (K, seed); with --skip-bad, unreadable train images are dropped
     from the pool and the sets resampled until every sampled image decodes."""
     train = spec.splits["train"]
@@ -155,10 +178,13 @@ def _sample_sets(spec, opts: ExtractOptions, progress: bool):
                 sets[(k, s)] = (alive[fs.indices], list(fs.with_replacement))
         union = sorted({int(i) for pos, _ in sets.values() for i in pos})
         todo = [i for i in union if i not in checked]
+        bar = Counter(progress, "check train images", total=len(todo), unit="img")
+        reasons = []
         with ThreadPoolExecutor(max(1, opts.workers)) as pool:
-            reasons = list(tqdm(pool.map(lambda i: check_image(spec.root / train[i].path), todo),
-                                total=len(todo), desc="check train images", unit="img",
-                                disable=not progress or None, leave=False))
+            for r in pool.map(lambda i: check_image(spec.root / train[i].path), todo):
+                reasons.append(r)
+                bar.advance()
+        bar.close()
         checked.update(todo)
         new_bad = [(i, r) for i, r in zip(todo, reasons) if r]
         if not new_bad:
@@ -302,7 +328,7 @@ class _Job:
         self.bundle = bundle = load_model(opts.model, opts.pretrained, init_seed=opts.init_seed, device=opts.device)
         self.ident = ident = _identity(opts, self.spec, bundle, self.templates)
         plan_path = parts / "plan.json"
-        if overwrite and plan_path.exists() and json.loads(plan_path.read_text())["identity"] != ident:
+        if overwrite and plan_path.exists() and json.loads(plan_path.read_text())[_PLAN_IDENTITY] != ident:
             # An unfinished run of these very settings is kept, so an interrupted --overwrite resumes.
             shutil.rmtree(parts, ignore_errors=True)
         if out.exists():
@@ -334,15 +360,15 @@ class _Job:
         plan_path = parts / "plan.json"
         if plan_path.exists():
             plan = json.loads(plan_path.read_text())
-            if plan["identity"] != ident:
+            if plan[_PLAN_IDENTITY] != ident:
                 raise CachekitError(f"unfinished extraction in {parts} was started with a different "
-                                    f"{_mismatch(plan['identity'], ident)}; fix: rerun it with the same options, "
+                                    f"{_mismatch(plan[_PLAN_IDENTITY], ident)}; fix: rerun it with the same options, "
                                     "or pass --overwrite to start afresh")
             B = plan["batch_size"]
         else:
             with os_errors(str(parts)):
                 parts.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(plan_path, {"identity": ident, "batch_size": B, "cachekit_version": __version__})
+                write_json_atomic(plan_path, {_PLAN_IDENTITY: ident, "batch_size": B, "cachekit_version": __version__})
         self.units, self.entries = [], []
         for split, items in row_items.items():
             for view in range(opts.views + 1 if split == "train" else 1):
@@ -359,8 +385,8 @@ class _Job:
             check_space(parts, emb.numel() * 4 + (64 << 10), str(text_path))
             tmp = tmp_path(text_path).with_name(f"{text_path.name}.{os.getpid()}.tmp")
             with os_errors(str(text_path)), h5py.File(tmp, "w") as f:
-                f["embeddings"] = emb.numpy()
-                f.attrs["truncated_prompts"] = truncated
+                f[_TEXT_EMB] = emb.numpy()
+                f.attrs[_TEXT_TRUNCATED] = truncated
             publish(tmp, text_path)
         return None
 
@@ -378,8 +404,6 @@ class _Job:
                           total - sum(u[3] - u[2] for u in todo), total)
 
     def finish(self) -> dict:
-        if self.opts._stop_after_units is not None:
-            return {"status": "stopped (test hook)"}
         summary = _assemble(self.opts, self.out, self.parts, self.spec, self.bundle, self.ident, self.tmpl_label,
                             self.templates, self.units, self.row_items, self.sets, self.train_rows, self.bad_train)
         shutil.rmtree(self.parts, ignore_errors=True)
@@ -427,6 +451,7 @@ def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_i
 
     q: queue.Queue = queue.Queue(maxsize=4)
     failure: list[BaseException] = []
+    published = [0]
 
     def writer():
         while True:
@@ -435,25 +460,27 @@ def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_i
                 return
             if failure:
                 continue
-            name, dense, pooled, reasons = job
+            (split, view, start, stop), dense, pooled, reasons = job
             try:
-                final = parts / name
+                final = parts / _unit_name(split, view, start)
                 tmp = tmp_path(final)
                 check_space(parts, dense.nbytes + pooled.nbytes + (64 << 10), str(final))
                 with os_errors(str(final)), h5py.File(tmp, "w") as f:
-                    f.create_dataset("dense", data=dense)
-                    f.create_dataset("pooled", data=pooled)
-                    f["bad"] = np.asarray(reasons, dtype=h5py.string_dtype())
+                    f.create_dataset(_SEG_DENSE, data=dense)
+                    f.create_dataset(_SEG_POOLED, data=pooled)
+                    f[_SEG_BAD] = np.asarray(reasons, dtype=h5py.string_dtype())
                 with os_errors(str(final)):
                     publish(tmp, final)
+                published[0] += 1
+                if opts.on_unit is not None:
+                    opts.on_unit({"split": split, "view": view, "start": start, "stop": stop,
+                                  "segment": str(final), "published": published[0], "total": len(todo)})
             except BaseException as exc:  # surfaced in the main thread
                 failure.append(exc)
 
     th = threading.Thread(target=writer, daemon=True)
     th.start()
-    bar = tqdm(total=total_images, initial=done_images, desc="extract", unit="img", unit_scale=True,
-               disable=not opts.progress or None, dynamic_ncols=True)
-    published = 0
+    bar = Counter(opts.progress, "extract", total=total_images, unit="img", initial=done_images)
     try:
         for (split, view, start, stop, _), (x, reasons, _idx) in zip(todo, it):
             if failure:
@@ -475,24 +502,15 @@ def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_i
             if not np.isfinite(dense).all():
                 raise CachekitError(f"dense maps of {split} view {view} are not finite in {opts.dense_dtype}; "
                                     "fix: rerun with --dense-dtype float32")
-            q.put((_unit_name(split, view, start), dense, pooled.float().cpu().numpy(), reasons))
-            bar.update(stop - start)
-            published += 1
-            if _UNIT_DELAY:
-                time.sleep(_UNIT_DELAY)
-            if opts._stop_after_units is not None and published >= opts._stop_after_units:
-                break
+            q.put(((split, view, start, stop), dense, pooled.float().cpu().numpy(), reasons))
+            bar.advance(stop - start)
     finally:
         q.put(None)
         th.join()
-        bar.close()
         del it
     if failure:
         raise failure[0]
-
-
-def _create(g, name, data=None, shape=None, dtype=None, chunks=None):
-    return g.create_dataset(name, data=data, shape=shape, dtype=dtype, chunks=chunks)
+    bar.close()
 
 
 def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, units, row_items,
@@ -502,18 +520,17 @@ def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, unit
     ap_bytes = sum(p.numel() * 4 for p in bundle.visual.attnpool.parameters())
     check_space(out.parent, sum(p.stat().st_size for p in parts.glob("*.h5")) + ap_bytes + (1 << 20), str(out))
     V = opts.views
-    str_dt = h5py.string_dtype()
     bad_rows: dict[str, list[tuple[str, str]]] = {}
 
     def write(f):
         ap_params, heads = attnpool_params(bundle.visual)
         with h5py.File(parts / "text.h5", "r") as tf:
-            emb = tf["embeddings"][()]
-            truncated = int(tf.attrs["truncated_prompts"])
+            emb = tf[_TEXT_EMB][()]
+            truncated = int(tf.attrs[_TEXT_TRUNCATED])
         # Shapes from the first segment.
         with h5py.File(parts / _unit_name(*units[0][:3]), "r") as sf:
-            dshape = sf["dense"].shape[1:]
-            D = sf["pooled"].shape[1]
+            dshape = sf[_SEG_DENSE].shape[1:]
+            D = sf[_SEG_POOLED].shape[1]
 
         for split, items in row_items.items():
             nv = V + 1 if split == "train" else 1
@@ -521,24 +538,23 @@ def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, unit
             keep = np.ones(len(items), dtype=bool)
             for (_, view, start, stop, _) in su:
                 with h5py.File(parts / _unit_name(split, view, start), "r") as sf:
-                    reasons = [r.decode() if isinstance(r, bytes) else r for r in sf["bad"][()]]
+                    reasons = S.strings(sf[_SEG_BAD])
                 for j, r in enumerate(reasons):
                     if r:
                         keep[start + j] = False
                         bad_rows.setdefault(split, []).append((items[start + j].path, r))
             n = int(keep.sum())
-            g = f.create_group(f"splits/{split}")
-            g.create_dataset("paths", data=np.asarray([it.path for it, k in zip(items, keep) if k], dtype=object),
-                             dtype=str_dt)
-            g.create_dataset("labels", data=np.asarray([it.label for it, k in zip(items, keep) if k], dtype=np.int64))
+            g = f.create_group(S.split_path(split))
+            S.write_dataset(g, S.PATHS, [it.path for it, k in zip(items, keep) if k], dtype=S.string_dtype())
+            S.write_dataset(g, S.LABELS, np.asarray([it.label for it, k in zip(items, keep) if k], dtype=np.int64))
             if split == "train":
-                g.create_dataset("source_index", data=train_rows)
+                S.write_dataset(g, S.SOURCE_INDEX, np.asarray(train_rows, dtype=np.int64))
             lead = (nv, n) if split == "train" else (n,)
             one = (1, 1) if split == "train" else (1,)
-            dd = g.create_dataset("dense", shape=lead + dshape, dtype=np.dtype(opts.dense_dtype),
-                                  chunks=one + dshape)
-            pd = g.create_dataset("pooled", shape=lead + (D,), dtype=np.float32)
-            dh, ph = ArrayHasher(), ArrayHasher()
+            dd = g.create_dataset(S.DENSE, shape=lead + dshape, dtype=np.dtype(opts.dense_dtype), chunks=one + dshape)
+            pd = g.create_dataset(S.POOLED, shape=lead + (D,), dtype=np.float32)
+            # Written in C order (view by view, rows in order), so the checksums stream.
+            dh, ph = S.Checksum(dd.dtype, dd.shape), S.Checksum(pd.dtype, pd.shape)
             for view in range(nv):
                 row = 0
                 for (_, v, start, stop, _) in su:
@@ -546,82 +562,81 @@ def _assemble(opts, out, parts, spec, bundle, ident, tmpl_label, templates, unit
                         continue
                     with h5py.File(parts / _unit_name(split, view, start), "r") as sf:
                         k = keep[start:stop]
-                        dense = sf["dense"][()][k]
-                        pooled = sf["pooled"][()][k]
+                        dense = sf[_SEG_DENSE][()][k]
+                        pooled = sf[_SEG_POOLED][()][k]
                     sel = (view, slice(row, row + len(pooled))) if split == "train" else (slice(row, row + len(pooled)),)
                     dd[sel] = dense
                     pd[sel] = pooled
                     dh.update(dense)
                     ph.update(pooled)
                     row += len(pooled)
-            dd.attrs["sha256"] = dh.hexdigest()
-            pd.attrs["sha256"] = ph.hexdigest()
-            g.attrs["views"] = nv
-            g.attrs["num_images"] = n
+            S.set_attrs(dd, {S.CHECKSUM: dh.hexdigest()})
+            S.set_attrs(pd, {S.CHECKSUM: ph.hexdigest()})
+            S.set_attrs(g, {SplitAttr.VIEWS: nv, SplitAttr.NUM_IMAGES: n})
         if spec.val_is_test:
-            f["splits/test"] = f["splits/val"]  # a hard link: the same data, stored once
+            f[S.split_path("test")] = f[S.split_path("val")]  # a hard link: the same data, stored once
 
-        fs = f.create_group("fewshot")
+        f.create_group(S.FEWSHOT)
         for (k, s), (pos, repl) in sorted(sets.items()):
             rows = np.searchsorted(train_rows, pos).astype(np.int64)
-            ds = fs.create_dataset(f"K{k}_seed{s}", data=rows)
-            ds.attrs["k"], ds.attrs["seed"] = k, s
-            ds.attrs["with_replacement"] = json.dumps(repl)
+            ds = S.write_dataset(f, S.fewshot_path(k, s), rows)
+            S.set_attrs(ds, {FewshotAttr.K: k, FewshotAttr.SEED: s, FewshotAttr.WITH_REPLACEMENT: list(repl)})
 
-        f.create_dataset("classnames", data=np.asarray(spec.classnames, dtype=object), dtype=str_dt)
-        t = f.create_group("text")
-        t.create_dataset("templates", data=np.asarray(templates, dtype=object), dtype=str_dt)
-        t.create_dataset("embeddings", data=emb)
-        t.create_dataset("classifier", data=text_classifier(torch.from_numpy(emb)).numpy())
-        t.attrs["template_set"] = tmpl_label
-        t.attrs["truncated_prompts"] = truncated
-        m = f.create_group("model")
-        m.create_dataset("logit_scale", data=np.float32(bundle.model.logit_scale.exp().item()))
-        ap = m.create_group("attnpool")
+        S.write_dataset(f, S.CLASSNAMES, list(spec.classnames), dtype=S.string_dtype())
+        t = f.create_group(S.TEXT)
+        S.write_dataset(f, S.TEMPLATES, list(templates), dtype=S.string_dtype())
+        S.write_dataset(f, S.EMBEDDINGS, emb)
+        S.write_dataset(f, S.CLASSIFIER, text_classifier(torch.from_numpy(emb)).numpy())
+        S.set_attrs(t, {TextAttr.TEMPLATE_SET: tmpl_label, TextAttr.TRUNCATED_PROMPTS: truncated})
+        f.create_group(S.MODEL)
+        S.write_dataset(f, S.LOGIT_SCALE, np.float32(bundle.model.logit_scale.exp().item()))
+        ap = f.create_group(S.ATTNPOOL)
         for name, val in ap_params.items():
-            ap.create_dataset(name, data=val.numpy())
-        ap.attrs["num_heads"] = heads
+            S.write_dataset(f, S.attnpool_path(name), val.numpy())
+        S.set_attrs(ap, {AttnpoolAttr.NUM_HEADS: heads})
         all_bad = [(s, p, r) for s, rows in bad_rows.items() for p, r in rows]
         all_bad += [("train", p, r) for p, r in sorted(bad_train.items())]
-        b = f.create_group("bad_images")
-        b.create_dataset("split", data=np.asarray([x[0] for x in all_bad], dtype=object), dtype=str_dt)
-        b.create_dataset("path", data=np.asarray([x[1] for x in all_bad], dtype=object), dtype=str_dt)
-        b.create_dataset("reason", data=np.asarray([x[2] for x in all_bad], dtype=object), dtype=str_dt)
-        for name in ("text/embeddings", "text/classifier", "splits/train/labels", "splits/val/labels"):
-            f[name].attrs["sha256"] = array_sha256(f[name][()])
+        f.create_group(S.BAD_IMAGES)
+        for j, column in enumerate(S.BAD_IMAGE_COLUMNS):
+            S.write_dataset(f, S.bad_images_path(column), [x[j] for x in all_bad], dtype=S.string_dtype())
 
         import open_clip
-        a = f.attrs
-        a["format"] = FORMAT
-        a["schema_version"] = SCHEMA_VERSION
-        a["cachekit_version"] = __version__
-        a["open_clip_version"] = str(open_clip.__version__)
-        a["torch_version"] = str(torch.__version__)
-        a["h5py_version"] = h5py.__version__
-        a["model"] = bundle.name
-        a["checkpoint"] = bundle.checkpoint
-        a["checkpoint_sha256"] = bundle.checkpoint_sha256
-        a["weights"] = bundle.weights_label
-        a["random_weights"] = bundle.random_weights
-        a["init_seed"] = bundle.init_seed
-        a["image_size"] = bundle.image_size
-        a["preprocess"] = json.dumps(bundle.preprocess_cfg, sort_keys=True)
-        a["augment"] = json.dumps({**AugmentedView(bundle.image_size, bundle.preprocess_cfg["mean"],
-                                                   bundle.preprocess_cfg["std"]).params(),
-                                   "seed": opts.aug_seed, "views": V, "view0": "plain (val preprocessing)"},
-                                  sort_keys=True)
-        a["views"] = V
-        a["shots"] = json.dumps(list(opts.shots))
-        a["seeds"] = json.dumps(list(opts.seeds))
-        a["dense_dtype"] = opts.dense_dtype
-        a["dataset_fingerprint"] = spec.fingerprint()
-        a["dataset"] = json.dumps(spec.describe(), sort_keys=True)
-        a["dataset_format"] = spec.source_format
-        a["val_is_test"] = bool(spec.val_is_test)
-        a["identity"] = json.dumps(ident, sort_keys=True)
-        a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        a["embed_dim"] = int(D)
-        a["dense_shape"] = json.dumps(list(dshape))
+        pre = bundle.preprocess_cfg
+        S.set_attrs(f, {
+            Attr.FORMAT: S.FORMAT,
+            Attr.SCHEMA_VERSION: S.SCHEMA_VERSION,
+            Attr.CACHEKIT_VERSION: __version__,
+            Attr.OPEN_CLIP_VERSION: str(open_clip.__version__),
+            Attr.TORCH_VERSION: str(torch.__version__),
+            Attr.H5PY_VERSION: h5py.__version__,
+            Attr.MODEL: bundle.name,
+            Attr.CHECKPOINT: bundle.checkpoint,
+            Attr.CHECKPOINT_SHA256: bundle.checkpoint_sha256,
+            Attr.WEIGHTS: bundle.weights_label,
+            Attr.RANDOM_WEIGHTS: bundle.random_weights,
+            Attr.INIT_SEED: bundle.init_seed,
+            Attr.IMAGE_SIZE: bundle.image_size,
+            Attr.PREPROCESS: pre,
+            Attr.AUGMENT: {**AugmentedView(bundle.image_size, pre["mean"], pre["std"]).params(),
+                           "seed": opts.aug_seed, "views": V, "view0": "plain (val preprocessing)"},
+            Attr.VIEWS: V,
+            Attr.SHOTS: list(opts.shots),
+            Attr.SEEDS: list(opts.seeds),
+            Attr.DENSE_DTYPE: opts.dense_dtype,
+            Attr.DATASET_FINGERPRINT: spec.fingerprint(),
+            Attr.DATASET: spec.describe(),
+            Attr.DATASET_FORMAT: spec.source_format,
+            Attr.VAL_IS_TEST: bool(spec.val_is_test),
+            Attr.IDENTITY: ident,
+            Attr.CREATED: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            Attr.EMBED_DIM: int(D),
+            Attr.DENSE_SHAPE: list(dshape),
+        })
+        S.seal(f)
+        problems, _ = S.check(f)
+        if problems:  # a writer bug: never publish a cache its own reader would refuse
+            raise CachekitError(f"internal error: the assembled cache does not match cachekit.schema "
+                                f"({'; '.join(map(str, problems[:3]))}); fix: report this bug")
         return all_bad, D
 
     try:

@@ -1,30 +1,37 @@
-"""`cachekit verify`: is a cache complete, consistent and intact?"""
+"""`cachekit verify`: is a cache complete, consistent and intact?
+
+Every check names the fields it finds wrong (keys as in docs/cache-format.md: `/splits/val/labels`,
+`/@views`, `/fewshot/K2_seed1@k`), and nothing raises: a field that is missing, of the wrong kind, dtype,
+shape or type, unparsable JSON, a value outside its rule, an attribute changed after writing, a dataset
+whose data does not match its sha256, NaN/Inf, or maps that no longer pool to the stored features.
+Open the cache with `Cache(path, check=False)` so a damaged one can be reported on.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from . import schema as S
 from .attnpool import attnpool_single_query
-from .cache import SPLIT_NAMES, Cache
-from .store import ArrayHasher
+from .cache import Cache
+from .schema import ATTRIBUTE, Attr, AttnpoolAttr
 
-ATTNPOOL_PARAMS = ("positional_embedding", "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias",
-                   "v_proj.weight", "v_proj.bias", "c_proj.weight", "c_proj.bias")
-REQUIRED = (["classnames", "fewshot", "bad_images", "text/templates", "text/embeddings", "text/classifier",
-             "model/logit_scale"]
-            + [f"model/attnpool/{p}" for p in ATTNPOOL_PARAMS]
-            + [f"splits/{s}/{d}" for s in SPLIT_NAMES for d in ("paths", "labels", "dense", "pooled")])
 # attnpool(stored dense) vs stored pooled, relative to the row's max |pooled|. Float16 storage rounds
 # the map (about 5e-5 relative on O(1) maps); CUDA autocast adds float16 arithmetic on top.
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3}
+CHECKS = ("structure", "attributes", "shapes", "checksums", "finite", "attnpool")
 
 
 class Report:
     def __init__(self):
         self.checks: list[dict] = []
 
-    def add(self, name: str, ok: bool, detail: str = ""):
-        self.checks.append({"check": name, "ok": bool(ok), "detail": detail})
+    def add(self, name: str, ok: bool, detail: str = "", skipped=()):
+        """`skipped`: what the check left out (keys of fields, or True for the whole check)."""
+        c = {"check": name, "ok": bool(ok), "detail": detail}
+        if skipped:
+            c["skipped"] = skipped if skipped is True else list(skipped)
+        self.checks.append(c)
 
     @property
     def ok(self) -> bool:
@@ -34,83 +41,144 @@ class Report:
     def failed(self) -> list[dict]:
         return [c for c in self.checks if not c["ok"]]
 
+    @property
+    def skipped(self) -> list[dict]:
+        return [c for c in self.checks if c.get("skipped")]
+
     def to_dict(self) -> dict:
         return {"ok": self.ok, "checks": self.checks}
 
 
+def _join(items, limit=12) -> str:
+    items = list(items)
+    return "; ".join(map(str, items[:limit])) + (f"; ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
 def verify(cache: Cache, sample: int = 32, full: bool = True) -> Report:
-    """Run every check; `full` streams every dataset for checksums and NaN/Inf (else samples)."""
+    """Run every check. `full` hashes and scans every dataset; without it (`--quick`) the large ones
+    (dense maps and pooled features) are neither hashed nor scanned for NaN/Inf, and the report says so."""
     r = Report()
     f = cache.file
-    missing = [p for p in REQUIRED if p not in f]
-    r.add("structure", not missing, "missing: " + ", ".join(missing) if missing else "all groups present")
-    if missing:
+    try:
+        problems, dims = S.check(f)
+    except Exception as exc:  # a file so broken the schema walk fails: say so, never a traceback
+        r.add("structure", False, f"cannot walk the file: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         return r
+    bad_keys = {p.key for p in problems}
+    objects = [p for p in problems if p.kind != ATTRIBUTE and p.what in ("missing", "kind", "unexpected")]
+    attrs = [p for p in problems if p.kind == ATTRIBUTE]
+    shapes = [p for p in problems if p.kind != ATTRIBUTE and p.what in ("dtype", "shape")]
+    r.add("structure", not objects, _join(objects) if objects else "every group and dataset present, nothing extra")
+    r.add("attributes", not attrs, _join(attrs) if attrs else
+          f"every attribute present, of its type, and as written (/@{S.ATTRS_CHECKSUM})")
 
-    C, D, V = cache.num_classes, cache.embed_dim, cache.views
-    dshape = cache.dense_shape
-    problems = []
-    for s in SPLIT_NAMES:
-        g = f[f"splits/{s}"]
-        n = g["labels"].shape[0]
-        lead = (V + 1, n) if s == "train" else (n,)
-        if g["paths"].shape != (n,):
-            problems.append(f"{s}/paths has {g['paths'].shape[0]} rows, labels {n}")
-        if g["dense"].shape != lead + dshape:
-            problems.append(f"{s}/dense shape {g['dense'].shape} != {lead + dshape}")
-        if g["pooled"].shape != lead + (D,):
-            problems.append(f"{s}/pooled shape {g['pooled'].shape} != {lead + (D,)}")
-        lab = g["labels"][()]
-        if n and (lab.min() < 0 or lab.max() >= C):
-            problems.append(f"{s}/labels outside 0..{C - 1}")
-    ntrain = f["splits/train/labels"].shape[0]
-    tl = f["splits/train/labels"][()]
-    for name, ds in f["fewshot"].items():
-        rows = ds[()]
-        k = int(ds.attrs["k"])
-        if rows.shape != (C * k,) or (len(rows) and (rows.min() < 0 or rows.max() >= ntrain)):
-            problems.append(f"fewshot/{name} has bad rows")
-        elif not np.array_equal(tl[rows], np.repeat(np.arange(C), k)):
-            problems.append(f"fewshot/{name} is not K per class, class-grouped")
-    if f["text/classifier"].shape != (C, D):
-        problems.append(f"text/classifier shape {f['text/classifier'].shape} != {(C, D)}")
-    r.add("shapes", not problems, "; ".join(problems) or "row counts and shapes agree")
+    datasets = [it for it in S.instances(f, dims) if it.field.kind == S.DATASET and not _affected(it.key, bad_keys)]
+    _guard(r, "shapes", lambda: _shapes(f, dims, shapes, bad_keys))
+    _guard(r, "checksums", lambda: _checksums(f, datasets, bad_keys, full))
+    _guard(r, "finite", lambda: _finite(f, datasets, full))
+    _guard(r, "attnpool", lambda: _attnpool(cache, dims, bad_keys, sample))
+    return r
 
-    # Checksums and finiteness, streamed per row block.
-    bad_sum, nonfinite = [], []
 
-    def visit(name, ds):
-        if not hasattr(ds, "shape") or ds.dtype.kind not in "fiu":
-            return
-        want = ds.attrs.get("sha256")
-        if ds.ndim == 0:
-            blocks = [np.asarray(ds[()])]
-        else:
-            step = max(1, (8 << 20) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
-            blocks = (ds[i:i + step] for i in range(0, ds.shape[0], step))
-        h = ArrayHasher()
-        finite = True
-        for b in blocks:
-            if want is not None:
-                h.update(b)
-            if ds.dtype.kind == "f" and not np.isfinite(b).all():
-                finite = False
-        if want is not None and h.hexdigest() != want:
-            bad_sum.append(name)
-        if not finite:
-            nonfinite.append(name)
+def _affected(key: str, bad_keys) -> bool:
+    """`key` is itself reported, or lies in a group or dataset that is (missing, wrong kind)."""
+    return key in bad_keys or any(key.startswith(b + "/") or key.startswith(b + "@") for b in bad_keys if "@" not in b)
 
-    if full:
-        f.visititems(visit)
-        r.add("checksums", not bad_sum, "mismatch in: " + ", ".join(bad_sum) if bad_sum else "all stored sha256 match")
-        r.add("finite", not nonfinite, "NaN/Inf in: " + ", ".join(nonfinite) if nonfinite else "no NaN/Inf")
 
-    # The stored attnpool weights applied to stored dense maps must give the stored pooled features.
-    params, heads = cache.attnpool_params()
-    tol = TOLERANCE.get(cache.meta["dense_dtype"], 5e-3)
+def _guard(r: Report, name: str, fn) -> None:
+    """Run one check; an unforeseen error becomes a failed check naming it, not a traceback."""
+    try:
+        ok, detail, skipped = fn()
+    except Exception as exc:
+        r.add(name, False, f"could not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return
+    r.add(name, ok, detail, skipped)
+
+
+def _shapes(f, dims: S.Dims, problems, bad_keys) -> tuple:
+    out = [str(p) for p in problems]
+    C = dims.get("C")
+    for s in S.SPLITS:
+        key = S.split_path(s, S.LABELS)
+        if key in bad_keys or C is None or key not in f:
+            continue
+        lab = f[key][()]
+        if len(lab) and (lab.min() < 0 or lab.max() >= C):
+            out.append(f"{key}: labels outside 0..{C - 1}")
+    tl_key = S.split_path("train", S.LABELS)
+    if C is not None and tl_key not in bad_keys and tl_key in f and S.FEWSHOT in f:
+        tl = f[tl_key][()]
+        for name in f[S.FEWSHOT]:
+            path = f"{S.FEWSHOT}/{name}"
+            ks = S.parse_fewshot_key(name)
+            if path in bad_keys or ks is None:
+                continue
+            rows = f[path][()]
+            if len(rows) and (rows.min() < 0 or rows.max() >= len(tl)):
+                out.append(f"{path}: rows outside the train split 0..{len(tl) - 1}")
+            elif not np.array_equal(tl[rows], np.repeat(np.arange(C), ks[0])):
+                out.append(f"{path}: not K={ks[0]} rows per class, class-grouped")
+    return not out, _join(out) if out else "dtypes, row counts and shapes agree; labels and few-shot rows valid", ()
+
+
+def _checksums(f, datasets, bad_keys, full: bool) -> tuple:
+    bad, done, skipped = [], 0, []
+    seen: dict = {}
+    for it in datasets:
+        key_attr = S.attr_key(it.path, S.CHECKSUM)
+        if key_attr in bad_keys:
+            continue  # its checksum attribute is missing or malformed: reported under attributes
+        if it.field.large and not full:
+            skipped.append(it.key)
+            continue
+        ds = f[it.path]
+        ident = ds.id  # a hard-linked dataset (test = val) is hashed once
+        got = seen.get(ident) or S.dataset_checksum(ds)
+        seen[ident] = got
+        done += 1
+        if ds.attrs.get(S.CHECKSUM) != got:
+            bad.append(f"{it.key}: data does not match {key_attr}")
+    detail = _join(bad) if bad else f"all {done} stored sha256 match"
+    if skipped:
+        detail += f"; skipped (--quick): {', '.join(skipped)}"
+    return not bad, detail, skipped
+
+
+def _finite(f, datasets, full: bool) -> tuple:
+    bad, skipped = [], []
+    for it in datasets:
+        ds = f[it.path]
+        if ds.dtype.kind != "f":
+            continue
+        if it.field.large and not full:
+            skipped.append(it.key)
+            continue
+        if not all(np.isfinite(b).all() for b in S.iter_blocks(ds)):
+            bad.append(it.key)
+    detail = ("NaN/Inf in: " + ", ".join(bad)) if bad else "no NaN/Inf"
+    if skipped:
+        detail += f"; skipped (--quick): {', '.join(skipped)}"
+    return not bad, detail, skipped
+
+
+def _attnpool(cache: Cache, dims: S.Dims, bad_keys, sample: int) -> tuple:
+    """The stored attnpool weights applied to stored dense maps must give the stored pooled features."""
+    needs = ([S.attr_key(S.ROOT, a) for a in (Attr.VIEWS, Attr.DENSE_DTYPE, Attr.DENSE_SHAPE, Attr.EMBED_DIM)]
+             + [S.attr_key(S.ATTNPOOL, AttnpoolAttr.NUM_HEADS), S.ATTNPOOL]
+             + [S.attnpool_path(p) for p in S.ATTNPOOL_PARAMS]
+             + [S.split_path(s, d) for s in S.SPLITS for d in (S.DENSE, S.POOLED)]
+             + [S.split_path(s) for s in S.SPLITS])
+    broken = [k for k in needs if _affected(k, bad_keys)]
+    if broken:
+        return True, f"skipped: needs {', '.join(broken[:4])}{' ...' if len(broken) > 4 else ''} (see above)", True
+    V = dims.V
+    params = {p: torch.from_numpy(np.asarray(cache.file[S.attnpool_path(p)][()])).float() for p in S.ATTNPOOL_PARAMS}
+    heads = int(cache.file[S.ATTNPOOL].attrs[AttnpoolAttr.NUM_HEADS])
+    dd = dims.dense_dtype
+    tol = TOLERANCE.get(dd, 5e-3)
     worst, where = 0.0, ""
-    for s in SPLIT_NAMES:
-        n = cache.num_images(s)
+    for s in S.SPLITS:
+        n = int(cache.file[S.split_path(s, S.POOLED)].shape[-2])
         if n == 0:
             continue
         rows = np.unique(np.linspace(0, n - 1, min(sample, n)).round().astype(np.int64))
@@ -118,13 +186,16 @@ def verify(cache: Cache, sample: int = 32, full: bool = True) -> Report:
             dense = cache.dense(s, rows, view=view)
             with torch.no_grad():
                 got = attnpool_single_query(dense, params, heads)
-            want = cache.pooled(s, view=view)[torch.from_numpy(rows)]
+            ds = cache.file[S.split_path(s, S.POOLED)]
+            want = torch.from_numpy(np.asarray(ds[view] if s == "train" else ds[()], dtype=np.float32))
+            want = want[torch.from_numpy(rows)]
             rel = ((got - want).abs().amax(dim=-1) / want.abs().amax(dim=-1).clamp_min(1e-12)).max().item()
             if not np.isfinite(rel):
                 rel = float("inf")
             if rel > worst:
-                worst, where = rel, f"{s} view {view}"
-    r.add("attnpool", worst <= tol,
-          f"max relative error {worst:.2e} (tolerance {tol:.0e} for {cache.meta['dense_dtype']} maps)"
-          + (f" at {where}" if worst > tol else ""))
-    return r
+                worst, where = rel, f"{S.split_path(s, S.DENSE)} view {view}"
+    ok = worst <= tol
+    return ok, f"max relative error {worst:.2e} (tolerance {tol:.0e} for {dd} maps)" + (f" at {where}" if not ok else ""), ()
+
+
+__all__ = ["verify", "Report", "TOLERANCE", "CHECKS"]

@@ -106,11 +106,29 @@ def _assert_same_arrays(a, b):
         assert np.array_equal(pa[k], pb[k]), k
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(n, seen):
+    """An on_unit callback that stops the extraction (as a kill would) once n units are published."""
+    def on_unit(info):
+        seen.append(info)
+        if info["published"] >= n:
+            raise _Stop(n)
+    return on_unit
+
+
 def test_resume_after_in_process_stop(tmp_path, tree):
     ref = tmp_path / "ref.h5"
     extract(extract_opts(tree, ref))
     out = tmp_path / "out.h5"
-    extract(extract_opts(tree, out, _stop_after_units=3))
+    seen = []
+    with pytest.raises(_Stop):
+        extract(extract_opts(tree, out, on_unit=_stop_after(3, seen)))
+    assert [(u["split"], u["view"], u["start"], u["published"]) for u in seen] == [
+        ("train", 0, 0, 1), ("train", 0, 4, 2), ("train", 0, 8, 3)]
+    assert all(Path(u["segment"]).exists() and u["total"] == seen[0]["total"] > 3 for u in seen)
     assert not out.exists() and len(list((tmp_path / "out.h5.parts").glob("seg-*.h5"))) == 3
     extract(extract_opts(tree, out))
     _assert_same_arrays(ref, out)
@@ -122,6 +140,41 @@ def _cli(*args, env_extra=None):
     return [sys.executable, "-m", "cachekit", *args], env
 
 
+# How a child process gets slowed down per unit: the library reads no environment variable, so a
+# sitecustomize (found first on PYTHONPATH) installs an on_unit callback that sleeps.
+_DELAY_SITECUSTOMIZE = """\
+import os, time
+_delay = float(os.environ.get("CACHEKIT_UNIT_DELAY", "0") or 0)
+if _delay:
+    import cachekit.extract as _ex
+
+    _post_init = _ex.ExtractOptions.__post_init__
+
+    def __post_init__(self):
+        _post_init(self)
+        user = self.on_unit
+
+        def on_unit(info):
+            if user is not None:
+                user(info)
+            time.sleep(_delay)
+
+        self.on_unit = on_unit
+
+    _ex.ExtractOptions.__post_init__ = __post_init__
+"""
+
+
+def _unit_delay_env(tmp_path, seconds, env=None) -> dict:
+    site = tmp_path / "_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_DELAY_SITECUSTOMIZE)
+    env = dict(env if env is not None else os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["CACHEKIT_UNIT_DELAY"] = str(seconds)
+    return env
+
+
 def test_resume_after_sigkill(tmp_path, tree):
     """A real SIGKILL of the extract process part-way, then a rerun: same arrays as uninterrupted."""
     args = ["extract", str(tree), "--model", "RN-tiny", "--shots", "1,2", "--seeds", "1,2", "--views", "2",
@@ -130,8 +183,9 @@ def test_resume_after_sigkill(tmp_path, tree):
     extract(extract_opts(tree, ref, batch_size=2))
     out = tmp_path / "out.h5"
     parts = tmp_path / "out.h5.parts"
-    cmd, env = _cli(*args, "--out", str(out), env_extra={"CACHEKIT_UNIT_DELAY": "0.2"})
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd, env = _cli(*args, "--out", str(out))
+    p = subprocess.Popen(cmd, env=_unit_delay_env(tmp_path, 0.2, env), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("seg-*.h5"))) < 3:
         time.sleep(0.05)
@@ -261,7 +315,7 @@ def test_torchrun_killed_then_rerun_equals_single_process(tmp_path, tree):
     out, parts = tmp_path / "dist.h5", tmp_path / "dist.h5.parts"
     cmd = _torchrun_extract_cmd(tree, out, 2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen(cmd, env=dict(env, CACHEKIT_UNIT_DELAY="0.3"), stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(cmd, env=_unit_delay_env(tmp_path, 0.3, env), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline and len(list(parts.glob("seg-*.h5"))) < 4:
