@@ -32,7 +32,7 @@ def is_num(v) -> bool:
 @dataclass(frozen=True)
 class Param:
     """One declared parameter. `type` is one of: int, float, bool, str, floats (a list of `length` numbers),
-    strs (a non-empty list of distinct strings from `choices`), mapping (nested settings), device."""
+    ints (likewise integers), strs (a non-empty list of distinct strings from `choices`), mapping (nested settings), device."""
 
     name: str
     type: str
@@ -72,7 +72,7 @@ def param(default, type: str, help: str, **rules):
 
 def _want(p: Param) -> str:
     kind = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-            "floats": f"a list of {p.length} numbers", "strs": "a list of names", "mapping": "a mapping",
+            "floats": f"a list of {p.length} numbers", "ints": f"a list of {p.length} integers", "strs": "a list of names", "mapping": "a mapping",
             "device": "a torch device string such as cpu or cuda"}[p.type]
     rng = p.describe_range()
     return f"{kind} ({rng})" if rng else kind
@@ -119,7 +119,14 @@ def check_value(owner: str, p: Param, value):
     elif t == "floats":
         if not isinstance(value, (list, tuple)) or len(value) != p.length or not all(is_num(x) for x in value):
             raise bad()
-        value = tuple(float(x) if not is_int(x) else int(x) for x in value)
+        value = tuple(float(x) for x in value)  # 7 and 7.0 are one setting (and one record key)
+        for x in value:
+            _range(p, x, bad)
+        return value
+    elif t == "ints":
+        if not isinstance(value, (list, tuple)) or len(value) != p.length or not all(is_int(x) for x in value):
+            raise bad()
+        value = tuple(int(x) for x in value)
         for x in value:
             _range(p, x, bad)
         return value

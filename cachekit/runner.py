@@ -1,123 +1,81 @@
-"""Run methods on a cache: load the tensors once per (K, seed), select on val, report test.
+"""Run registered methods on a cache: one Task per (K, seed), hyper-parameters chosen on val, test once.
 
-This is the only place that joins the cache (files) and the methods (pure tensor functions).
+The runner dispatches through the registry (cachekit.methods.registry): it builds the method's checked
+config from declared defaults + preset + user settings, lets the method resolve what depends on the cache
+(APE's channel source, a Q wider than the cache), fits, selects, and returns one Record. It is the only place
+that joins the cache (files) and the methods (tensor functions), SAFE included.
 """
 from __future__ import annotations
 
-import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
-from . import __version__
 from .cache import Cache
 from .errors import CachekitError
-from .methods import ape, refine, tip, zeroshot
+from .methods import ape, refine
+from .methods.registry import get_method, list_methods
+from .progress import Counter, Progress
+from .records import Record, ResultsFile
+from .results import ResultStore
+from .task import DEFAULT_MAX_MEMORY, CacheTask
 
-TRAINING_FREE = ("zeroshot", "tip", "ape", "gda")
-TRAINED = ("tipf", "apet", "safe", "safe-a")
-
-# User-settable hyper-parameters per method and their defaults (presets and --set override them).
-DEFAULTS: dict[str, dict] = {
-    "zeroshot": {},
-    "tip": {"s": [7, 7], "n": [200, 20]},
-    "ape": {"top_k": 500, "weights": [0.5, 0.5], "s": [7, 7, 1], "n": [200, 20, 20]},
-    "gda": {},
-}
+__all__ = ["Runner", "evaluate", "refine_stored", "refine_channels", "method_defaults", "check_overrides",
+           "ApeSearches", "Inputs"]
 
 
-def _safe_defaults() -> dict:
-    from .methods.safe import SafeConfig
+def check_device(device: str) -> str:
+    """A one-line error for a device this machine does not have (before any work)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CachekitError(f"--device {device!r} is not a torch device; fix: cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CachekitError(f"--device {device}: no CUDA GPU is available here; fix: --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CachekitError(f"--device {device}: only {torch.cuda.device_count()} GPU(s); fix: cuda:0")
+    elif dev.type != "cpu":
+        raise CachekitError(f"--device {device}: only cpu and cuda are supported; fix: --device cpu")
+    return device
 
-    return {**SafeConfig().to_dict(), "blend": "feature"}
+
+def method_defaults() -> dict[str, dict]:
+    """Every registered method's declared defaults (the one source for docs, presets and --set)."""
+    return {m: get_method(m).defaults() for m in list_methods()}
 
 
-def _adapter_defaults() -> dict[str, dict]:
-    from .methods.apet import APETConfig
-    from .methods.tipf import TipFConfig
+def check_overrides(methods, overrides: dict | None, note=None) -> dict:
+    """Check every `METHOD.PARAM` setting before any work: unknown methods or parameters and bad values are
+    errors; settings for a method that is not being run get a one-line note (through `note`)."""
+    overrides = overrides or {}
+    for m in list(methods) + [m for m in overrides if m not in methods]:
+        get_method(m).make_config(overrides.get(m))
+    idle = [m for m in overrides if m not in methods and overrides[m]]
+    if idle and note is not None:
+        note(f"NOTE: settings for {', '.join(idle)} are ignored: {'it is' if len(idle) == 1 else 'they are'} "
+             f"not among the methods run ({', '.join(methods)})")
+    return {m: v for m, v in overrides.items() if m in methods}
 
-    return {"tipf": {**TipFConfig().to_dict(), "s": [7, 7], "n": [200, 20]},
-            "apet": {**APETConfig().to_dict(), "top_k": 500, "weights": [0.2, 0.8], "s": [7, 7], "n": [200, 20]}}
 
-
-DEFAULTS["safe"] = _safe_defaults()
-DEFAULTS.update(_adapter_defaults())
-# SAFE-A: an adapter trained on SAFE-pooled features; `safe` and `adapter_config` override those defaults.
-DEFAULTS["safe-a"] = {"adapter": "tipf", "safe": {}, "adapter_config": {}}
-_SEARCH_KEYS = ("s", "n", "top_k", "weights")
+#: APE's channel selection (kept under its old name for Python callers): refine.by_criterion.
+refine_channels = refine.by_criterion
 
 
 @dataclass
 class Inputs:
-    """Everything the training-free methods read, for one few-shot set."""
+    """Features of one few-shot set held in memory (what `ApeSearches.select` reads)."""
 
-    W: torch.Tensor  # (C, D) text classifier
-    F: torch.Tensor  # (N, D) keys: mean of augmented views, normalised
-    key_labels: torch.Tensor  # (N,)
-    L: torch.Tensor  # (N, C) one-hot
+    W: torch.Tensor
+    F: torch.Tensor
+    key_labels: torch.Tensor
+    L: torch.Tensor
     val_f: torch.Tensor
     val_y: torch.Tensor
     test_f: torch.Tensor
     test_y: torch.Tensor
-
-
-def method_params(method: str, overrides: dict | None = None) -> dict:
-    if method not in DEFAULTS:
-        raise CachekitError(f"unknown method {method!r}; fix: one of {', '.join(DEFAULTS)}")
-    params = dict(DEFAULTS[method])
-    for k, v in (overrides or {}).items():
-        if v is None:
-            continue
-        if k not in params:
-            valid = ", ".join(params) or "none"
-            raise CachekitError(f"method {method} has no parameter {k!r}; fix: valid parameters are {valid}")
-        _check_type(method, k, v, params[k])
-        params[k] = v
-    if method == "safe-a":
-        if params["adapter"] not in ("tipf", "apet"):
-            raise CachekitError(f"safe-a adapter {params['adapter']!r} is unknown; fix: tipf or apet")
-        method_params("safe", params["safe"])
-        method_params(params["adapter"], params["adapter_config"])
-    return params
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_type(method: str, name: str, value, default):
-    """A value must have its default's shape: number, integer, string, bool, list of numbers of the
-    same length, or a mapping; ranges are checked later by the method itself."""
-    if default is None or name in ("train_groups",):
-        ok = value is None or isinstance(value, (int, list, tuple, str))
-    elif isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = _is_num(value)
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(_is_num(x) for x in value)
-    elif isinstance(default, dict):
-        ok = isinstance(value, dict)
-    else:
-        ok = True
-    if not ok:
-        want = (f"a list of {len(default)} numbers" if isinstance(default, (list, tuple))
-                else type(default).__name__)
-        raise CachekitError(f"{method}.{name}={value!r} is not {want}; fix: e.g. {method}.{name}={default!r}")
-
-
-def refine_channels(W, F, key_labels, top_k: int, weights=(0.5, 0.5), text_only: bool = False):
-    """APE's channel selection: (indices of the top-Q channels, per-channel scores)."""
-    w0, w1 = (float(w) for w in weights)
-    sc = refine.scores(W, None if text_only else F, None if text_only else key_labels, w0=w0, w1=w1,
-                       text_only=text_only)
-    return refine.select_channels(sc, int(top_k)), sc
 
 
 class ApeSearches:
@@ -129,7 +87,7 @@ class ApeSearches:
 
     def __init__(self, size: int = 512):
         self.size = size
-        self._memo: dict = {}
+        self._memo: OrderedDict = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._memo)
@@ -143,184 +101,161 @@ class ApeSearches:
         sel = ape.select(x.val_f, x.val_y, x.W, x.F, x.L, x.key_labels, idx, x.test_f, x.test_y,
                          s=tuple(s), n=tuple(n))
         if len(self._memo) >= self.size:
-            self._memo.pop(next(iter(self._memo)))
+            self._memo.popitem(last=False)
         self._memo[key] = sel
         return sel, False
 
 
 class Runner:
-    """Runs methods on one open cache. Inputs are loaded once per (K, seed) and reused."""
+    """Runs methods on one open cache; one Task per (K, seed), reused across methods and settings.
 
-    def __init__(self, cache: Cache):
+    device: where searches and training run; max_memory: dense maps held in memory up to this many bytes
+    (else streamed); reuse_fits: reuse stored SAFE fits of the same settings; fit_out: write a fitted SAFE
+    layer there instead of beside the cache.
+    """
+
+    def __init__(self, cache: Cache, device: str = "cpu", max_memory: int = DEFAULT_MAX_MEMORY,
+                 progress: Progress | None = None, reuse_fits: bool = True, fit_out=None):
         self.cache = cache
-        self._inputs = lru_cache(maxsize=8)(self._load)
+        self.store = ResultStore(cache)
+        self.build = self.store.build
+        self.device, self.max_memory, self.progress = device, max_memory, progress
+        self.reuse_fits, self.fit_out = reuse_fits, fit_out
+        self._tasks: OrderedDict = OrderedDict()
         self._ape_searches = ApeSearches()
+        check_device(device)
 
-    def inputs(self, k: int, seed: int) -> Inputs:
-        return self._inputs(int(k), int(seed))
+    def inputs(self, k: int, seed: int) -> CacheTask:
+        """The task of (K, seed); the latest 8 stay loaded."""
+        key = (int(k), int(seed))
+        task = self._tasks.get(key)
+        if task is None:
+            task = CacheTask(self.cache, k, seed, store=self.store, device=self.device,
+                             max_memory=self.max_memory, progress=self.progress, reuse_fits=self.reuse_fits,
+                             fit_out=self.fit_out)
+            task.searches = self._ape_searches
+            self._tasks[key] = task
+            if len(self._tasks) > 8:
+                self._tasks.popitem(last=False)
+        return task
 
-    def _load(self, k: int, seed: int) -> Inputs:
-        c = self.cache
-        F, y = c.train_keys(k, seed)
-        return Inputs(W=c.text_classifier(), F=F, key_labels=y,
-                      L=torch.nn.functional.one_hot(y, c.num_classes).float(),
-                      val_f=c.features("val"), val_y=c.labels("val"),
-                      test_f=c.features("test"), test_y=c.labels("test"))
+    task = inputs
 
     @property
     def selection_label(self) -> str:
         return "val (val and test are the same data)" if self.cache.val_is_test else "val"
 
+    def _with_device(self, spec, overrides: dict | None) -> dict:
+        over = dict(overrides or {})
+        if self.device != "cpu" and "device" in spec.config.spec_by_name() and over.get("device") is None:
+            over["device"] = self.device
+        return over
+
+    def resolve(self, method: str, k: int, seed: int, overrides: dict | None = None):
+        """(spec, checked and resolved config, notes): what a run of these settings will be, before it runs."""
+        spec = get_method(method)
+        over = self._with_device(spec, overrides)
+        cfg = spec.make_config(over)
+        explicit = frozenset(n for n, v in (overrides or {}).items() if v is not None)
+        cfg, notes = spec.estimator.resolve(cfg, self.inputs(k, seed), explicit)
+        return spec, cfg, notes
+
+    def key(self, method: str, k: int, seed: int, overrides: dict | None = None) -> str:
+        _, cfg, _ = self.resolve(method, k, seed, overrides)
+        return Record(method, k, seed, cfg.to_dict(), {}, {}, "", 0, self.build, "", "", "", None, "", False).key
+
     def run(self, method: str, k: int, seed: int, overrides: dict | None = None) -> dict:
-        """One method on one few-shot set: hyper-parameters chosen on val, then test once."""
-        params = method_params(method, overrides)
-        x = self.inputs(k, seed)
+        """One method on one few-shot set: hyper-parameters chosen on val, then test once. A record dict."""
+        return self.run_record(method, k, seed, overrides).to_dict()
+
+    def run_record(self, method: str, k: int, seed: int, overrides: dict | None = None) -> Record:
+        spec, cfg, notes = self.resolve(method, k, seed, overrides)
+        task = self.inputs(k, seed)
         t0 = time.perf_counter()
-        extra = {}
-        if method == "zeroshot":
-            sel = zeroshot.select(x.val_f, x.val_y, x.W, x.test_f, x.test_y)
-        elif method == "tip":
-            sel = tip.select(x.val_f, x.val_y, x.W, x.F, x.L, x.test_f, x.test_y,
-                             s_beta=params["s"][0], s_alpha=params["s"][1],
-                             n_beta=params["n"][0], n_alpha=params["n"][1])
-        elif method == "ape":
-            idx, _ = refine_channels(x.W, x.F, x.key_labels, params["top_k"], params["weights"])
-            sel, reused = self._ape_searches.select((int(k), int(seed)), x, idx, params["s"], params["n"])
-            if reused:
-                extra = {"search": "reused: an earlier configuration selected the same channels"}
-        elif method == "gda":
-            from .methods import gda
+        est = spec.estimator(cfg).fit(task)
+        sel = est.select(task)
+        extra = dict(est.extra())
+        if notes:
+            extra["notes"] = notes
+        return self.record(method, k, seed, cfg.to_dict(), sel, time.perf_counter() - t0, extra)
 
-            X, yv = self.cache.train_views(k, seed)
-            sel = gda.select(x.val_f, x.val_y, x.W, X, yv, x.test_f, x.test_y)
-        elif method == "safe":
-            from .methods.safe import SafeConfig
-            from .safe_run import fit_safe
-
-            cfg = SafeConfig.from_dict({k2: v for k2, v in params.items() if k2 != "blend"})
-            res = fit_safe(self.cache, k, seed, cfg, blend=params["blend"])
-            sel = res["selection"]
-            extra = {"trained": res["trained"], "val_acc_frozen": sel.extra["val_acc_frozen"],
-                     "test_acc_frozen": sel.extra.get("test_acc_frozen"),
-                     "final_train_loss": res["log"][-1]["loss"] if res["log"] else None}
-        elif method in ("tipf", "apet"):
-            X, yv = self.cache.train_views(k, seed)
-            sel, extra = self._adapter(method, params, X, yv, x.F, x.key_labels, x.L, x.W,
-                                       x.val_f, x.val_y, x.test_f, x.test_y)
-        elif method == "safe-a":
-            sel, extra = self._safe_a(k, seed, params, x)
-        else:
-            raise CachekitError(f"unknown method {method!r}; fix: one of {', '.join(DEFAULTS)}")
-        return self.record(method, k, seed, params, sel, time.perf_counter() - t0, extra)
-
-    def _adapter(self, method, params, X, yv, F, key_labels, L, W, val_f, val_y, test_f, test_y):
-        """Train Tip-Adapter-F or APE-T (epoch chosen on val), then search (beta, alpha) on val."""
-        from .methods import apet, tipf
-
-        cfg = {k2: v for k2, v in params.items() if k2 not in _SEARCH_KEYS}
-        s, n = tuple(params["s"]), tuple(params["n"])
-        if method == "tipf":
-            fit = tipf.fit(X, yv, W, F, L, val_f, val_y, tipf.TipFConfig.from_dict(cfg))
-            sel = tipf.select(fit, val_f, val_y, W, L, test_f, test_y, s=s, n=n)
-        else:
-            idx = apet.default_channels(W, int(params["top_k"]), tuple(params["weights"]))
-            fit = apet.fit(X, yv, W, F, L, key_labels, idx, val_f, val_y, apet.APETConfig.from_dict(cfg))
-            sel = apet.select(fit, val_f, val_y, W, F, L, key_labels, test_f, test_y, s=s, n=n)
-        return sel, {"best_epoch": fit.best_epoch, "val_acc_init": fit.val_acc_init}
-
-    def _safe_a(self, k, seed, params, x):
-        """SAFE-A: SAFE (stored fit reused) re-pools train views, val and test from the cached dense
-        maps through the fine-tuned layer, blended with beta chosen on val; then the adapter."""
-        from .methods.safe import SafeConfig
-        from .safe_run import blended_features, fit_safe, pooled_train_views
-
-        adapter = params["adapter"]
-        sp = method_params("safe", params["safe"])
-        cfg = SafeConfig.from_dict({k2: v for k2, v in sp.items() if k2 != "blend"})
-        res = fit_safe(self.cache, k, seed, cfg, blend="feature")
-        X, yv, keys = pooled_train_views(self.cache, k, seed, res, cfg)
-        ap = method_params(adapter, params["adapter_config"])
-        val_f, test_f = blended_features(res, "val"), blended_features(res, "test")
-        sel, extra = self._adapter(adapter, ap, X, yv, keys, x.key_labels, x.L, x.W, val_f, x.val_y,
-                                   test_f, x.test_y)
-        extra.update({"safe_beta": res["selection"].params["beta"], "safe_trained": res["trained"]})
-        return sel, extra
-
-    def record(self, method, k, seed, config, sel, seconds, extra=None) -> dict:
+    def record(self, method, k, seed, config, sel, seconds, extra=None) -> Record:
         m = self.cache.meta
-        return {
-            "method": method,
-            "shots": int(k),
-            "seed": int(seed),
-            "metrics": {"val_acc": sel.val_acc, "test_acc": sel.test_acc},
-            "params": sel.params,
-            "config": config,
-            "selection": self.selection_label,
-            "seconds": round(seconds, 4),
-            "dataset": self.cache.path.stem,
-            "model": m["model"],
-            "pretrained": m["checkpoint"],
-            "weights": m["weights"],
-            "random_weights": bool(m["random_weights"]),
-            "cache": str(self.cache.path),
-            "cache_identity": m["dataset_fingerprint"][:16],
-            "cachekit_version": __version__,
-            **({"extra": extra} if extra else {}),
-        }
+        return Record(method=method, shots=int(k), seed=int(seed), config=config, params=sel.params,
+                      metrics={"val_acc": sel.val_acc, "test_acc": sel.test_acc}, selection=self.selection_label,
+                      seconds=seconds, cache_build=self.build, dataset=self.cache.path.stem,
+                      cache=str(self.cache.path), model=m["model"], pretrained=m["checkpoint"],
+                      weights=m["weights"], random_weights=bool(m["random_weights"]), extra=extra or {})
 
 
-def store_refine(cache: Cache, k: int, seed: int, top_k: int, weights=(0.5, 0.5), text_only: bool = False) -> dict:
-    """Compute APE's channel selection for (K, seed) and store it in the cache's results."""
-    from .results import ResultStore
-
-    c = cache
-    W = c.text_classifier()
-    if not 1 <= int(top_k) <= W.shape[1]:
-        raise CachekitError(f"--top-k {top_k} is out of range for D={W.shape[1]} channels; "
-                            f"fix: pass 1..{W.shape[1]}")
-    F, y = c.train_keys(k, seed)
-    idx, sc = refine_channels(W, F, y, top_k, weights, text_only)
-    variant = "text-only" if text_only else "text+cache"
-    key = {"k": int(k), "seed": int(seed), "top_k": int(top_k), "weights": [float(w) for w in weights],
-           "variant": variant}
-    path = ResultStore(c).put("refine", key, {"channels": idx.numpy(), "scores": sc.numpy()},
-                              info={"weights_label": c.weights_label})
-    return {**key, "channels": idx.tolist(), "scores": sc.tolist(), "stored": str(path)}
-
-
-def evaluate(cache: Cache, methods, shots=None, seeds=None, overrides: dict | None = None,
-             progress: bool = False) -> list[dict]:
-    """Every method on every (K, seed) of the cache (or the ones asked for)."""
-    from tqdm import tqdm
-
+def _sets(cache: Cache, shots=None, seeds=None) -> list[tuple[int, int]]:
+    """The (K, seed) pairs asked for (default: every few-shot set of the cache), each checked to exist."""
     have = cache.fewshot_names()
     shots = sorted(set(shots or [k for k, _ in have]))
     seeds = sorted(set(seeds or [s for _, s in have]))
-    runner = Runner(cache)
-    jobs = [(m, k, s) for k in shots for s in seeds for m in methods]
-    for m in methods:
-        method_params(m, (overrides or {}).get(m))
     for k in shots:
         for s in seeds:
             cache.fewshot(k, s)  # a clear error before any work when a set is missing
+    return [(k, s) for k in shots for s in seeds]
+
+
+def evaluate(cache: Cache, methods, shots=None, seeds=None, overrides: dict | None = None,
+             progress: Progress | None = None, out=None, runner: Runner | None = None) -> list[dict]:
+    """Every method on every (K, seed) asked for. With `out` (a results file), runs already there are read
+    back instead of run again, and new ones are appended as they finish (an interrupted eval resumes)."""
+    overrides = check_overrides(methods, overrides)
+    runner = runner or Runner(cache, progress=progress)
+    jobs = [(m, k, s) for k, s in _sets(cache, shots, seeds) for m in methods]
+    keys = [runner.key(m, k, s, overrides.get(m)) for m, k, s in jobs]  # every setting resolved before any work
+    out_records = []
+    if out is None:
+        bar = Counter(progress, "eval", len(jobs), "run")
+        for m, k, s in jobs:
+            out_records.append(runner.run(m, k, s, overrides.get(m)))
+            bar.advance()
+        bar.close()
+        return out_records
+    from .records import read_results
+
+    with ResultsFile(out) as rf:
+        done = {r["key"]: r for r in read_results(out).records} if rf.keys else {}
+        bar = Counter(progress, "eval", len(jobs), "run", initial=sum(key in done for key in keys))
+        for (m, k, s), key in zip(jobs, keys):
+            if key in done:
+                out_records.append(done[key])
+                continue
+            rec = runner.run(m, k, s, overrides.get(m))
+            rf.append(rec)
+            out_records.append(rec)
+            bar.advance()
+        bar.close()
+    return out_records
+
+
+def refine_stored(cache: Cache, top_k: int, weights=(0.5, 0.5), text_only: bool = False, shots=None,
+                  seeds=None) -> list[dict]:
+    """APE's channel selection for each (K, seed) asked for (default: every set), stored with the cache's
+    results, where `eval`/`sweep` pick it up (docs/methods-training-free.md, "refine then eval")."""
+    W = cache.text_classifier()
+    D = W.shape[1]
+    if int(top_k) < 1:
+        raise CachekitError(f"--top-k {top_k} must be at least 1; fix: pass 1..{D}")
+    q, notes = refine.clip_top_k(top_k, D, "refine --top-k")
+    store = ResultStore(cache)
+    variant = "text-only" if text_only else "text+cache"
     out = []
-    for m, k, s in tqdm(jobs, desc="eval", unit="run", disable=not progress or None, leave=False):
-        out.append(runner.run(m, k, s, (overrides or {}).get(m)))
+    for k, seed in _sets(cache, shots, seeds):
+        F, y = cache.train_keys(k, seed)
+        idx, sc = refine_channels(W, F, y, q, weights, text_only)
+        key = {"k": int(k), "seed": int(seed), "top_k": int(q), "weights": [float(w) for w in weights],
+               "variant": variant}
+        path = store.put("refine", key, {"channels": idx.numpy(), "scores": sc.numpy()},
+                         info={"weights_label": cache.weights_label})
+        out.append({**key, "channels": idx.tolist(), "scores": sc.tolist(), "stored": str(path),
+                    **({"notes": notes} if notes else {})})
     return out
 
 
-def summarize(records: list[dict], metric: str = "test_acc") -> tuple[list[str], list[list[str]]]:
-    """Rows: methods; columns: shots; cells: mean ± std over seeds."""
-    import numpy as np
-
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    shots = sorted({r["shots"] for r in records})
-    rows = []
-    for m in methods:
-        row = [m]
-        for k in shots:
-            v = [r["metrics"][metric] for r in records if r["method"] == m and r["shots"] == k
-                 and r["metrics"][metric] is not None]
-            row.append(f"{np.mean(v):.2f} ± {np.std(v):.2f}" if v else "-")
-        rows.append(row)
-    return ["method"] + [f"{k}-shot" for k in shots], rows
+def store_refine(cache: Cache, k: int, seed: int, top_k: int, weights=(0.5, 0.5), text_only: bool = False) -> dict:
+    """One (K, seed) of `refine_stored` (kept for Python callers)."""
+    return refine_stored(cache, top_k, weights, text_only, shots=[k], seeds=[seed])[0]

@@ -1,19 +1,21 @@
 """`cachekit sweep`: methods x shots x seeds x hyper-parameter grids on one cache, resumable.
 
-Rows are appended to a JSON-lines file, one fsync'd line per finished run, each with a `row_key`;
-a rerun skips rows already there, and a torn last line (a kill mid-write) is cut off first.
+Rows go through the one results writer (records.ResultsFile): one fsync'd line per finished run, each with its
+record key; a rerun skips rows already there, and a torn last line (a kill mid-write) is cut off first.
 """
 from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 from .cache import Cache
 from .errors import CachekitError
-from .results import ResultStore, canonical
-from .runner import DEFAULTS, Runner, method_params
+from .methods.presets import overrides_for
+from .methods.registry import get_method
+from .progress import Counter, Progress
+from .records import ResultsFile, read_results
+from .runner import Runner, _sets
 
 GRID_KEYS = ("methods", "shots", "seeds", "preset")
 
@@ -37,6 +39,7 @@ def load_grid(path) -> dict:
 
 
 def validate_grid(grid, where: str = "grid") -> dict:
+    """Every method, parameter name and candidate value is checked here, before any run."""
     if not isinstance(grid, dict):
         raise CachekitError(f"{where} must be a mapping with keys {', '.join(GRID_KEYS)}; fix: see docs/sweep.md")
     unknown = [k for k in grid if k not in GRID_KEYS]
@@ -50,8 +53,10 @@ def validate_grid(grid, where: str = "grid") -> dict:
     if not isinstance(methods, dict) or not methods:
         raise CachekitError(f"{where}: 'methods' must list at least one method; fix: e.g. methods: {{ape: {{top_k: [300, 500]}}}}")
     for m, params in methods.items():
-        if m not in DEFAULTS:
-            raise CachekitError(f"{where}: unknown method {m!r}; fix: one of {', '.join(DEFAULTS)}")
+        try:
+            spec = get_method(m)
+        except CachekitError as exc:
+            raise CachekitError(f"{where}: {exc}") from None
         params = params or {}
         if not isinstance(params, dict):
             raise CachekitError(f"{where}: parameters of {m} must be a mapping of lists; fix: e.g. top_k: [300, 500]")
@@ -59,88 +64,52 @@ def validate_grid(grid, where: str = "grid") -> dict:
             if not isinstance(values, list) or not values:
                 raise CachekitError(f"{where}: {m}.{name} must be a non-empty list of candidate values; "
                                     f"fix: e.g. {name}: [{json.dumps(values)}]")
-            for v in values:  # unknown names and wrongly-typed values fail here, before any run
-                method_params(m, {name: v})
+            for v in values:
+                spec.make_config({name: v})
         methods[m] = params
     for key in ("shots", "seeds"):
         v = grid.get(key)
         if v is not None and (not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                    for x in v)):
             raise CachekitError(f"{where}: {key} must be a list of integers; fix: e.g. {key}: [1, 2]")
-    return {"methods": methods, "shots": grid.get("shots"), "seeds": grid.get("seeds"),
-            "preset": grid.get("preset")}
+    preset = grid.get("preset")
+    if preset is not None:
+        from .methods.presets import get_preset
+
+        get_preset(preset)
+    return {"methods": methods, "shots": grid.get("shots"), "seeds": grid.get("seeds"), "preset": preset}
 
 
 def expand(grid: dict, cache: Cache) -> list[dict]:
-    """Every (method, K, seed, params) row, in a fixed order."""
-    from .presets_apply import overrides_for
-
-    have = cache.fewshot_names()
-    shots = grid["shots"] or sorted({k for k, _ in have})
-    seeds = grid["seeds"] or sorted({s for _, s in have})
-    for k in shots:
-        for s in seeds:
-            cache.fewshot(k, s)
+    """Every (method, K, seed, overrides) row, in a fixed order."""
+    sets = _sets(cache, grid["shots"], grid["seeds"])
     base = overrides_for(list(grid["methods"]), grid.get("preset"), {})
     rows = []
     for m, params in grid["methods"].items():
         names = list(params)
         for combo in itertools.product(*(params[n] for n in names)) if names else [()]:
             over = {**base.get(m, {}), **dict(zip(names, combo))}
-            for k in shots:
-                for s in seeds:
-                    rows.append({"method": m, "k": int(k), "seed": int(s), "overrides": over})
+            for k, s in sets:
+                rows.append({"method": m, "k": int(k), "seed": int(s), "overrides": over})
     return rows
 
 
-def row_key(row: dict, cache_build: str) -> str:
-    """Unique per cache build too, so rows of another cache in the same file are never taken as done."""
-    return canonical({"cache": cache_build, "method": row["method"], "k": row["k"], "seed": row["seed"],
-                      "params": method_params(row["method"], row["overrides"])})
-
-
-def _existing(out: Path) -> set[str]:
-    """Keys of finished rows; truncates a torn last line left by a kill."""
-    if not out.exists():
-        return set()
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with open(out, "r+b") as fh:
-            fh.truncate(cut)
-        data = data[:cut]
-    keys = set()
-    for line in data.decode("utf-8").splitlines():
-        if line.strip():
-            try:
-                keys.add(json.loads(line)["row_key"])
-            except (json.JSONDecodeError, KeyError):
-                raise CachekitError(f"{out} has a line that is not a sweep row; fix: use a new --out file") from None
-    return keys
-
-
-def sweep(cache: Cache, grid: dict, out, progress: bool = False) -> dict:
-    from tqdm import tqdm
-
-    from .store import WriterLock, os_errors
-
+def sweep(cache: Cache, grid: dict, out, progress: Progress | None = None, runner: Runner | None = None) -> dict:
     out = Path(out)
     rows = expand(grid, cache)
-    runner = Runner(cache)
-    build = ResultStore(cache).build
-    with os_errors(str(out)):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    with WriterLock(out, kind="results file"):
-        done = _existing(out)
-        todo = [r for r in rows if row_key(r, build) not in done]
+    runner = runner or Runner(cache, progress=progress)
+    with ResultsFile(out) as rf:
+        keyed = [(runner.key(r["method"], r["k"], r["seed"], r["overrides"]), r) for r in rows]
+        todo = [(key, r) for key, r in keyed if key not in rf]
+        bar = Counter(progress, "sweep", len(todo), "run")
         records = []
-        with os_errors(str(out)), open(out, "a", encoding="utf-8") as fh:
-            for r in tqdm(todo, desc="sweep", unit="run", disable=not progress or None, leave=False):
-                rec = runner.run(r["method"], r["k"], r["seed"], r["overrides"])
-                rec["row_key"] = row_key(r, build)
-                fh.write(json.dumps(rec) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-                records.append(rec)
+        for _, r in todo:
+            rec = runner.run(r["method"], r["k"], r["seed"], r["overrides"])
+            rf.append(rec)
+            records.append(rec)
+            bar.advance()
+        bar.close()
+    keys = {key for key, _ in keyed}
+    rows_of_grid = [r for r in read_results(out).records if r["key"] in keys] if keys else []
     return {"out": str(out), "rows": len(rows), "skipped": len(rows) - len(todo), "ran": len(todo),
-            "records": records}
+            "records": records, "grid_records": rows_of_grid}

@@ -64,8 +64,72 @@ def note(msg: str):
 
 
 def table(rows: list[list], header: list[str]) -> str:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+    from cachekit.report import render_table
+
+    return render_table(header, rows)
+
+
+def emit_json_lines(rows):
+    """Row streams (eval, fit-safe) print one JSON object per line."""
+    for r in rows:
+        click.echo(json.dumps(r, default=str))
+
+
+# Options with one meaning on every command that takes them.
+def shots_option(fn):
+    return click.option("--shots", default=None, callback=int_list,
+                        help="Shot counts K, e.g. 1,2,4 (default: every K in the cache).")(fn)
+
+
+def seeds_option(fn):
+    return click.option("--seeds", default=None, callback=int_list,
+                        help="Few-shot seeds, e.g. 1,2,3 (default: every seed in the cache).")(fn)
+
+
+def quiet_option(fn):
+    return click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")(fn)
+
+
+def device_option(fn):
+    return click.option("--device", default="cpu", help="Device for searches and training: cpu, cuda, cuda:N.")(fn)
+
+
+def max_memory_option(fn):
+    return click.option("--max-memory", default="4GiB", callback=lambda c, p, v: parse_bytes(v),
+                        help="Hold dense maps (SAFE) in memory up to this size, else stream them from the cache.")(fn)
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "kb": 1000,
+             "mb": 10**6, "gb": 10**9, "tb": 10**12}
+    t = str(text).strip().lower().replace(" ", "")
+    num = t.rstrip("kmgtib")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{text!r} is not a size like 512MiB or 4GiB") from None
+    if not (0 <= value < 2**63):
+        raise click.BadParameter(f"{text!r} is not a size between 0 and 8 EiB, e.g. 4GiB")
+    return int(value)
+
+
+def progress_view(quiet: bool, as_json: bool = False):
+    from .progress_view import ProgressView
+
+    return ProgressView(quiet=quiet or as_json)
+
+
+def parse_sets(values) -> dict:
+    """--set METHOD.PARAM=VALUE (VALUE is JSON, or a plain string) -> {method: {param: value}}."""
+    out: dict = {}
+    for v in values or ():
+        if "=" not in v or "." not in v.split("=", 1)[0]:
+            raise click.BadParameter(f"{v!r} is not METHOD.PARAM=VALUE (e.g. ape.top_k=700)", param_hint="--set")
+        key, val = v.split("=", 1)
+        m, p = key.split(".", 1)
+        try:
+            val = json.loads(val)
+        except json.JSONDecodeError:
+            pass
+        out.setdefault(m.strip(), {})[p.strip()] = val
+    return out

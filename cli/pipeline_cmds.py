@@ -1,11 +1,10 @@
 """sweep / report / demo."""
 from __future__ import annotations
 
-import json
-
 import click
 
-from .common import CONTEXT, emit_json, friendly, note, table
+from .common import CONTEXT, device_option, emit_json, friendly, note, progress_view, quiet_option, table
+from .method_cmds import cache_notes, print_table, record_notes
 
 
 @click.command(context_settings=CONTEXT)
@@ -14,52 +13,62 @@ from .common import CONTEXT, emit_json, friendly, note, table
               help="JSON or YAML grid: methods (with candidate lists per parameter), shots, seeds, preset.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="JSON-lines results (default: NAME.results/sweep.jsonl next to the cache).")
-@click.option("--json", "as_json", is_flag=True)
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document: counts and the results path.")
+@quiet_option
 @friendly
-def sweep(cache, grid_file, out, as_json):
+def sweep(cache, grid_file, out, device, as_json, quiet):
     """Run a grid of methods x shots x seeds x hyper-parameters on one cache (resumable)."""
     from pathlib import Path
 
     from cachekit.cache import open_cache
-    from cachekit.runner import summarize
+    from cachekit.outputs import check_output
+    from cachekit.runner import Runner
     from cachekit.sweep import load_grid, sweep as run
 
     grid = load_grid(grid_file)
+    out = out or str(Path(cache).with_suffix(".results") / "sweep.jsonl")
+    check_output(out, "results", inputs=[("cache", cache), ("grid file", grid_file)])
+    view = progress_view(quiet, as_json)
     with open_cache(cache) as c:
-        out = out or str(Path(cache).with_suffix(".results") / "sweep.jsonl")
-        res = run(c, grid, out, progress=not as_json)
-        if c.random_weights:
-            note(f"NOTE: {c.weights_label}")
+        try:
+            res = run(c, grid, out, progress=view, runner=Runner(c, device=device, progress=view))
+        finally:
+            view.close()
+        cache_notes(c)
+    record_notes(res["records"])
     if as_json:
-        emit_json({k: v for k, v in res.items() if k != "records"})
+        emit_json({k: v for k, v in res.items() if k not in ("records", "grid_records")})
         return
     click.echo(f"{res['ran']} run(s), {res['skipped']} already done, results in {res['out']}")
-    from cachekit.report import read_results
-    from cachekit.runner import DEFAULTS
-
-    recs = read_results(res["out"])
-    for r in recs:
-        cfg = {k: v for k, v in r["config"].items() if v != DEFAULTS[r["method"]].get(k)}
-        r["method"] = f"{r['method']} {json.dumps(cfg, sort_keys=True)}" if cfg else r["method"]
-    header, rows = summarize(recs)
-    click.echo(table(rows, header))
+    recs = res["grid_records"]
+    print_table(recs, recs[0]["selection"] if recs else "val")
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("results", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default=None, type=click.Path(),
               help="Output folder (default: next to RESULTS, named report/).")
 @click.option("--no-plots", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document: what was written.")
 @friendly
 def report(results, out_dir, no_plots, as_json):
-    """Write a markdown report (tables, accuracy-vs-shots plots) from eval/sweep JSON lines."""
+    """Write a markdown report (tables per cache and configuration, accuracy-vs-shots plots) from eval/sweep
+    JSON lines. Rows are (method, configuration), averaged over seeds only."""
     from pathlib import Path
 
-    from cachekit.report import build_report, read_results
+    from cachekit.outputs import check_output
+    from cachekit.records import read_results
+    from cachekit.report import build_report
 
-    recs = read_results(results)
-    res = build_report(recs, out_dir or Path(results).parent / "report", plots=not no_plots)
+    out_dir = out_dir or str(Path(results).parent / "report")
+    check_output(out_dir, "folder", inputs=[("results file", results)])
+    loaded = read_results(results)
+    skipped = loaded.problems_line(results)
+    if skipped:
+        note(f"NOTE: {skipped}")
+    res = build_report(loaded.records, out_dir, plots=not no_plots, skipped=skipped)
+    res["skipped_lines"] = len(loaded.skipped)
     if as_json:
         emit_json(res)
     else:
@@ -70,26 +79,29 @@ def report(results, out_dir, no_plots, as_json):
 @click.option("--out", "out_dir", default="cache/demo", type=click.Path(file_okay=False))
 @click.option("--model", default="RN-tiny")
 @click.option("--pretrained", type=click.Path(dir_okay=False, exists=True), default=None)
-@click.option("--device", default="cpu")
+@device_option
 @click.option("--workers", default=0, type=click.IntRange(min=0))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document: paths and every record.")
+@quiet_option
 @friendly
-def demo(out_dir, model, pretrained, device, workers, as_json):
+def demo(out_dir, model, pretrained, device, workers, as_json, quiet):
     """Extract the embedded clip-art demo data, refine, evaluate every method, report."""
     from cachekit.demo import run_demo
-    from cachekit.runner import summarize
 
-    res = run_demo(out_dir, model=model, pretrained=pretrained, progress=not as_json, device=device,
-                   workers=workers)
+    view = progress_view(quiet, as_json)
+    try:
+        res = run_demo(out_dir, model=model, pretrained=pretrained, progress=view, device=device, workers=workers)
+    finally:
+        view.close()
     if as_json:
-        emit_json({k: v for k, v in res.items()})
+        emit_json(res)
         return
+    record_notes(res["records"])
     click.echo(f"cache: {res['cache']} ({res['extract']['status']})")
     click.echo(f"weights: {res['weights']}")
-    click.echo(f"refine: kept {res['refine']['top_k']} channels (K={res['refine']['k']}, seed {res['refine']['seed']})")
-    header, rows = summarize(res["records"])
-    click.echo(table(rows, header))
-    click.echo(f"test accuracy (%), mean ± std over seeds; hyper-parameters chosen on {res['records'][0]['selection']}")
+    r = res["refine"]
+    click.echo(f"refine: kept {r['top_k']} channels for every few-shot set (eval's APE uses them)")
+    print_table(res["records"], res["records"][0]["selection"])
     click.echo(f"results: {res['results']}  report: {res['report']['report']}")
 
 

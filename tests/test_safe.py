@@ -294,7 +294,7 @@ def test_config_roundtrip_and_unknown_keys():
     assert d0 == {"epochs": 50, "lr": 1e-4, "eps": 1e-4, "weight_decay": 0.01, "warmup_epochs": 10,
                   "min_lr": 1e-6, "batch_size": 64, "train_groups": ["pos", "qkv", "c_proj"],
                   "logit_scale": 100.0, "temperature": 2.0, "consistency": "l1", "consistency_weight": 0.5,
-                  "seed": 1, "device": "cpu"}
+                  "seed": 1, "device": "cpu", "blend": "feature"}
     with pytest.raises(CachekitError, match="learning_rate"):
         SafeConfig.from_dict({"learning_rate": 1e-3})
     with pytest.raises(CachekitError, match="consistency"):

@@ -8,15 +8,23 @@ import torch
 
 from cachekit.cache import open_cache
 from cachekit.methods import zeroshot
-from cachekit.methods.safe import SafeConfig
-from cachekit.safe_run import fit_safe, train_source
+from cachekit.methods.safe import SafeConfig, SafeEstimator
+from cachekit.task import CacheTask
 
 CFG = dict(epochs=2, warmup_epochs=0, batch_size=4, seed=3)
 
 
+def fit_safe(c, k, seed, out, max_memory=4 << 30):
+    """SAFE on the cache as the runner does it (no stored fit reused), returning the fitted estimator."""
+    task = CacheTask(c, k, seed, store=None, max_memory=max_memory, reuse_fits=False, fit_out=out)
+    est = SafeEstimator(SafeConfig.from_dict(CFG)).fit(task)
+    est.select(task)
+    return est
+
+
 def _fit_peak(c, tmp, **kw):
     tracemalloc.start()
-    res = fit_safe(c, 8, 1, SafeConfig(**CFG), reuse=False, out=str(tmp / f"fit{len(kw)}.h5"), **kw)
+    res = fit_safe(c, 8, 1, str(tmp / f"fit{len(kw)}.h5"), **kw)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return res, peak
@@ -38,27 +46,27 @@ def test_streaming_equals_in_memory_with_bounded_memory(tmp_path, tree, monkeypa
     path = tmp_path / "many_views.h5"
     extract(extract_opts(tree, path, shots=(8,), seeds=(1,), views=40, batch_size=64))
     with open_cache(path) as c:
-        src, _ = train_source(c, 8, 1, max_memory=0)
+        src, _ = CacheTask(c, 8, 1, max_memory=0).train_dense()
         assert type(src).__name__ == "DenseSource"
         full = src.nbytes  # 24 rows x 40 views x 512x2x2 float32 = 7.9 MB; SAFE reads <= 256 maps at once
-        fit_safe(c, 8, 1, SafeConfig(**CFG), reuse=False, out=str(tmp_path / "warm.h5"), max_memory=0)
+        fit_safe(c, 8, 1, str(tmp_path / "warm.h5"), max_memory=0)
         stream, peak_stream = _fit_peak(c, tmp_path, max_memory=0)
         assert 0 < max(reads) <= 256 < len(src)
         monkeypatch.undo()
         mem, peak_mem = _fit_peak(c, tmp_path)
-    for name, t in mem["params"].items():
-        assert torch.equal(t, stream["params"][name]), name
+    for name, t in mem.params.items():
+        assert torch.equal(t, stream.params[name]), name
     assert peak_mem > full
     assert peak_mem - peak_stream > full / 3, (peak_mem, peak_stream, full)
 
 
 def test_frozen_blend_is_zero_shot(tiny_cache):
     with open_cache(tiny_cache) as c:
-        res = fit_safe(c, 1, 2, SafeConfig(**CFG), reuse=False, out=str(tiny_cache.parent / "z.h5"))
+        res = fit_safe(c, 1, 2, str(tiny_cache.parent / "z.h5"))
         zs = zeroshot.select(c.features("val"), c.labels("val"), c.text_classifier(),
                              c.features("test"), c.labels("test"))
-    sel = res["selection"]
+    sel = res.selection
     assert sel.extra["val_acc_frozen"] == zs.val_acc
     assert sel.extra["test_acc_frozen"] == zs.test_acc
     assert sel.val_acc >= sel.extra["val_acc_frozen"]
-    assert [e["epoch"] for e in res["log"]] == [1, 2] and np.isfinite(res["log"][-1]["loss"])
+    assert [e["epoch"] for e in res.log] == [1, 2] and np.isfinite(res.log[-1]["loss"])

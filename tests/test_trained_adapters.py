@@ -167,7 +167,8 @@ def test_configs_roundtrip_and_validation():
                 cls(**bad).validate()
     assert tipf.TipFConfig().to_dict() == {"epochs": 20, "lr": 1e-3, "eps": 1e-4, "weight_decay": 0.01,
                                            "batch_size": 256, "epoch_size": None, "init_alpha": 1.0,
-                                           "init_beta": 1.0, "seed": 1, "device": "cpu"}
+                                           "init_beta": 1.0, "seed": 1, "device": "cpu", "s": [7.0, 7.0],
+                                           "n": [200, 20]}
     a = apet.APETConfig()
     assert (a.lr, a.eps, a.weight_decay, a.batch_size, a.epochs, a.normalize) == (1e-3, 1e-3, 0.1, 256, 20, True)
     with pytest.raises(CachekitError, match="normalize"):

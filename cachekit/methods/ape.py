@@ -212,3 +212,58 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
              "grid": {"s": tuple(s), "n": tuple(n)}, "channels": int(idx.numel()),
              "ties": int((counts == best).sum().item())}
     return Selection(method="ape", params=params, val_acc=val_acc, test_acc=test_acc, extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------- registration
+from dataclasses import dataclass  # noqa: E402
+
+from ..params import Config, param  # noqa: E402
+from .base import Estimator  # noqa: E402
+from .refine import channels_for, resolve_channels  # noqa: E402
+from .registry import register  # noqa: E402
+
+CHANNEL_SOURCES = ("auto", "stored", "computed")
+
+
+@dataclass
+class APEConfig(Config):
+    """APE: refinement criterion and tri-edge search grid (docs/methods-training-free.md)."""
+
+    OWNER = "ape"
+    top_k: int = param(500, "int", "Q, channels kept by the refinement (clipped to the cache's width, with a note)",
+                       ge=1)
+    weights: tuple = param((0.5, 0.5), "floats", "(w0, w1) of the criterion J = -w0 sim + w1 var", length=2)
+    channels: str = param("auto", "str", "channel source: a refinement stored by `cachekit refine`, the "
+                          "criterion, or auto (stored when exactly one is stored and top_k/weights are not set)",
+                          choices=CHANNEL_SOURCES)
+    s: tuple = param((7, 7, 1), "floats", "search scales (s_beta, s_alpha, s_gamma)", length=3, ge=0,
+                     search=True)
+    n: tuple = param((200, 20, 20), "ints", "search steps (n_beta, n_alpha, n_gamma)", length=3, ge=1,
+                     search=True)
+
+
+class APE(Estimator):
+    @classmethod
+    def resolve(cls, config, task, explicit):
+        return resolve_channels(config, task, explicit, "text+cache")
+
+    def select(self, task) -> Selection:
+        cfg = self.config
+        idx, self.source = channels_for(cfg, task, "text+cache")
+        searches = getattr(task, "searches", None)
+        self.reused = False
+        if searches is not None:
+            return_sel, self.reused = searches.select((task.k, task.seed), task, idx, cfg.s, cfg.n)
+            return return_sel
+        return select(task.val_f, task.val_y, task.W, task.F, task.L, task.key_labels, idx, task.test_f,
+                      task.test_y, s=cfg.s, n=cfg.n)
+
+    def extra(self) -> dict:
+        out = {"channels": self.source}
+        if self.reused:
+            out["search"] = "reused: an earlier configuration selected the same channels"
+        return out
+
+
+register("ape", config=APEConfig, estimator=APE, doc="docs/methods-training-free.md",
+         summary="APE: refined channels, tri-edge cache logits with KL entry weights, (β, α, γ) on val")

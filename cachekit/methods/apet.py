@@ -23,7 +23,9 @@ import torch
 
 from ..errors import CachekitError
 from . import ape, refine, tip
-from .base import Selection
+from ..params import param
+from .base import Estimator, Selection
+from .registry import register
 from .tipf import AdapterConfig
 from .training import check_inputs, train_loop
 
@@ -33,31 +35,21 @@ DEFAULT_WEIGHTS = (0.2, 0.8)
 
 @dataclass
 class APETConfig(AdapterConfig):
-    """APE-T training settings (defaults: the released configs; see docs/methods-trained-adapters.md).
+    """APE-T settings (defaults: the released configs; see docs/methods-trained-adapters.md)."""
 
-    normalize: re-L2-normalise W~ and F~ rows after adding the residual (the released code does not).
-    epoch_size: train views drawn (without replacement) per epoch; None = every row of X once per epoch.
-    """
-
-    epochs: int = 20
-    lr: float = 1e-3
-    eps: float = 1e-3
-    weight_decay: float = 0.1
-    batch_size: int = 256
-    epoch_size: int | None = None
-    init_alpha: float = 1.0
-    init_beta: float = 1.0
-    normalize: bool = True
-    seed: int = 1
-    device: str = "cpu"
-
-    LABEL = "APE-T"
-
-    def validate(self) -> "APETConfig":
-        super().validate()
-        if not isinstance(self.normalize, bool):
-            raise CachekitError(f"APE-T setting normalize={self.normalize!r} is invalid; fix: use true or false")
-        return self
+    OWNER = "apet"
+    eps: float = param(1e-3, "float", "AdamW eps", gt=0)
+    weight_decay: float = param(0.1, "float", "AdamW weight decay", ge=0)
+    normalize: bool = param(True, "bool", "re-L2-normalise W~ and F~ rows after adding the residual "
+                            "(the released code does not)")
+    top_k: int = param(500, "int", "Q, channels the residual lives on (clipped to the cache's width, with a note)",
+                       ge=1)
+    weights: tuple = param(DEFAULT_WEIGHTS, "floats", "(w0, w1) of the text-only criterion", length=2)
+    channels: str = param("auto", "str", "channel source, as for ape (stored refinements: `refine --text-only`)",
+                          choices=ape.CHANNEL_SOURCES)
+    s: tuple = param((7, 7), "floats", "search scales (s_beta, s_alpha) after training", length=2, gt=0,
+                     search=True)
+    n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True)
 
 
 def default_channels(W: torch.Tensor, q: int, weights: tuple = DEFAULT_WEIGHTS) -> torch.Tensor:
@@ -188,3 +180,30 @@ def select(fit_result: APETFit, val_f: torch.Tensor, val_y, W: torch.Tensor, F: 
                   "init": {"alpha": fit_result.config.init_alpha, "beta": fit_result.config.init_beta}})
     return Selection(method="apet", params=params, val_acc=sel.val_acc, test_acc=sel.test_acc, extra=extra)
 
+
+
+# ----------------------------------------------------------------------------------------------- estimator
+class APET(Estimator):
+    """Channels (stored or by the text-only criterion), training (epoch on val), then (beta, alpha) on val."""
+
+    @classmethod
+    def resolve(cls, config, task, explicit):
+        return refine.resolve_channels(config, task, explicit, "text-only")
+
+    def fit(self, task) -> "APET":
+        idx, self.source = refine.channels_for(self.config, task, "text-only")
+        X, y = task.train_views()
+        self.result = fit(X, y, task.W, task.F, task.L, task.key_labels, idx, task.val_f, task.val_y, self.config)
+        return self
+
+    def select(self, task) -> Selection:
+        return select(self.result, task.val_f, task.val_y, task.W, task.F, task.L, task.key_labels, task.test_f,
+                      task.test_y, s=self.config.s, n=self.config.n)
+
+    def extra(self) -> dict:
+        return {"best_epoch": self.result.best_epoch, "val_acc_init": self.result.val_acc_init,
+                "channels": self.source}
+
+
+register("apet", config=APETConfig, estimator=APET, trained=True, doc="docs/methods-trained-adapters.md",
+         summary="APE-T: class residual on refined channels and entry weights trained, (β, α) on val")

@@ -93,3 +93,28 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, X: torch.T
         test_acc = accuracy(logits(test_f, W, W_gda, b, alpha), test_y)
     extra = {"grid_index": j, "grid": alphas, "ties": int((counts == counts[j]).sum().item())}
     return Selection(method="gda", params={"alpha": alpha}, val_acc=val_acc, test_acc=test_acc, extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------- registration
+from dataclasses import dataclass  # noqa: E402
+
+from ..params import Config  # noqa: E402
+from .base import Estimator  # noqa: E402
+from .registry import register  # noqa: E402
+
+
+@dataclass
+class GDAConfig(Config):
+    """GDA has no settings: its alpha grid is fixed (docs/methods-training-free.md)."""
+
+    OWNER = "gda"
+
+
+class GDA(Estimator):
+    def select(self, task) -> Selection:
+        X, y = task.train_views()
+        return select(task.val_f, task.val_y, task.W, X, y, task.test_f, task.test_y)
+
+
+register("gda", config=GDAConfig, estimator=GDA, doc="docs/methods-training-free.md",
+         summary="Gaussian discriminant analysis on every augmented view, α on val")

@@ -94,3 +94,79 @@ def refine(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Keep channels idx of x (..., D), then L2-normalise each row again."""
     kept = x.index_select(-1, idx.to(device=x.device, dtype=torch.long))
     return kept / kept.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def by_criterion(W: torch.Tensor, F: torch.Tensor | None, key_labels: torch.Tensor | None, top_k: int,
+                 weights=(0.5, 0.5), text_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """APE's channel selection: (indices of the top-Q channels by J, per-channel scores J)."""
+    w0, w1 = (float(w) for w in weights)
+    sc = scores(W, None if text_only else F, None if text_only else key_labels, w0=w0, w1=w1, text_only=text_only)
+    return select_channels(sc, int(top_k)), sc
+
+
+def clip_top_k(top_k: int, D: int, name: str) -> tuple[int, list[str]]:
+    """The one rule for a Q wider than the features: keep all D channels and say so (docs/eval.md)."""
+    if int(top_k) > D:
+        return D, [f"{name}={top_k} exceeds the cache's {D} channels: all {D} kept (use a value <= {D} "
+                   "to refine)"]
+    return int(top_k), []
+
+
+def resolve_channels(cfg, task, explicit: frozenset, variant: str):
+    """Where APE's (or APE-T's) channels come from, decided before the run (docs/methods-training-free.md):
+
+    channels=computed: by the criterion from top_k and weights. channels=stored: the refinement that
+    `cachekit refine` stored for this (K, seed) (its top_k and weights replace the config's). channels=auto
+    (default): stored when exactly one is stored for this (K, seed) and neither top_k nor weights was set
+    explicitly (by --set, a grid or a preset); else computed. A top_k above the width is clipped (note).
+    Returns (config with channels "stored"/"computed", notes)."""
+    from ..errors import CachekitError
+
+    owner = type(cfg).OWNER
+    mode, use = cfg.channels, None
+    if mode != "computed":
+        stored = task.stored_refinements(variant)
+        chose = bool(explicit & {"top_k", "weights"})
+        match = [r for r in stored if r["top_k"] == cfg.top_k and [float(w) for w in r["weights"]] ==
+                 [float(w) for w in cfg.weights]]
+        if mode == "stored":
+            flag = " --text-only" if variant == "text-only" else ""
+            if not stored:
+                raise CachekitError(f"{owner}.channels=stored, but no refinement{' (text-only)' if flag else ''} "
+                                    f"is stored for K={task.k} seed={task.seed}; fix: run `cachekit refine CACHE "
+                                    f"--top-k Q --shots {task.k} --seeds {task.seed}{flag}` first, or --set "
+                                    f"{owner}.channels=computed")
+            if len(stored) == 1:
+                use = stored[0]
+            elif chose and match:
+                use = match[0]
+            else:
+                have = "; ".join(f"top_k={r['top_k']} weights={r['weights']}" for r in stored)
+                raise CachekitError(f"{owner}.channels=stored: {len(stored)} refinements are stored for "
+                                    f"K={task.k} seed={task.seed} ({have}); fix: pick one with --set "
+                                    f"{owner}.top_k=Q --set {owner}.weights=[w0,w1]")
+        elif len(stored) == 1 and not chose:
+            use = stored[0]
+    if use is not None:
+        cfg = cfg.replace(top_k=int(use["top_k"]), weights=[float(w) for w in use["weights"]], channels="stored")
+    else:
+        cfg = cfg.replace(channels="computed")
+    q, notes = clip_top_k(cfg.top_k, int(task.W.shape[1]), f"{owner}.top_k")
+    if q != cfg.top_k:
+        if cfg.channels == "stored":  # a stored selection always fits the cache it was made on
+            raise CachekitError(f"stored refinement has top_k={cfg.top_k} > {q} channels; fix: rerun refine")
+        cfg = cfg.replace(top_k=q)
+    return cfg, notes
+
+
+def channels_for(cfg, task, variant: str) -> tuple[torch.Tensor, str]:
+    """The resolved config's channel indices and a line naming their source (for the record)."""
+    weights = [float(w) for w in cfg.weights]
+    if cfg.channels == "stored":
+        key = {"k": int(task.k), "seed": int(task.seed), "top_k": int(cfg.top_k), "weights": weights,
+               "variant": variant}
+        return task.refinement_channels(key), f"stored by `cachekit refine` (top_k={cfg.top_k}, weights={weights})"
+    text_only = variant == "text-only"
+    idx, _ = by_criterion(task.W, None if text_only else task.F, None if text_only else task.key_labels,
+                          cfg.top_k, weights, text_only)
+    return idx, f"computed by the criterion (top_k={cfg.top_k}, weights={weights}, {variant})"

@@ -27,7 +27,8 @@ class MethodSpec:
     doc: str = ""  # the docs page with its formula and defaults
 
     def defaults(self) -> dict:
-        return self.config().to_dict()
+        """Declared defaults, with what they imply resolved (e.g. SAFE's warm-up)."""
+        return self.config.from_dict({}).to_dict()
 
     def make_config(self, overrides: dict | None = None):
         """A checked config: declared defaults, then `overrides` (None values are ignored)."""

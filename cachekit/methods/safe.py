@@ -11,8 +11,8 @@ Everything here is pure: no files, no printing. Progress goes through an optiona
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from cachekit.attnpool import GROUPS, AttnPool
 from cachekit.errors import CachekitError
-from cachekit.methods.base import Selection, accuracy, first_best
+from cachekit.methods.base import Estimator, Selection, accuracy, first_best
+from cachekit.params import Config, is_int, param
 
 CONSISTENCY_KINDS = ("l1", "kl", "none")
 BLEND_MODES = ("feature", "logit")
@@ -29,93 +30,61 @@ DEFAULT_GRID: tuple[float, ...] = tuple(i / 50 for i in range(51))
 
 
 # ----------------------------------------------------------------------------------------------- config
-@dataclass
-class SafeConfig:
-    """Training settings; defaults follow RAFT (see docs/methods-safe.md)."""
+def default_warmup(epochs: int) -> int:
+    """The derived warm-up default, computed here only: min(10, epochs // 5) (RAFT: 10 of 50 epochs)."""
+    return min(10, int(epochs) // 5)
 
-    epochs: int = 50
-    lr: float = 1e-4
-    eps: float = 1e-4
-    weight_decay: float = 0.01  # torch's AdamW default, which RAFT uses implicitly
-    warmup_epochs: int = 10
-    min_lr: float = 1e-6
-    batch_size: int = 64
-    train_groups: tuple[str, ...] = ("pos", "qkv", "c_proj")
-    logit_scale: float = 100.0
-    temperature: float = 2.0
-    consistency: str = "l1"
-    consistency_weight: float = 0.5
-    seed: int = 1
-    device: str = "cpu"
+
+@dataclass
+class SafeConfig(Config):
+    """SAFE's settings; training defaults follow RAFT (see docs/methods-safe.md)."""
+
+    OWNER = "safe"
+
+    epochs: int = param(50, "int", "training epochs over the augmented train views", ge=1)
+    lr: float = param(1e-4, "float", "peak AdamW learning rate", gt=0)
+    eps: float = param(1e-4, "float", "AdamW eps", gt=0)
+    weight_decay: float = param(0.01, "float", "AdamW weight decay (torch's default, which RAFT uses)", ge=0)
+    warmup_epochs: int | None = param(None, "int", "linear warm-up epochs; null: min(10, epochs // 5)",
+                                      ge=0, optional=True)
+    min_lr: float = param(1e-6, "float", "learning rate at the end of the cosine decay", ge=0)
+    batch_size: int = param(64, "int", "train views per step", ge=1)
+    train_groups: tuple = param(("pos", "qkv", "c_proj"), "strs", "parameter groups that train",
+                                choices=tuple(GROUPS))
+    logit_scale: float = param(100.0, "float", "scale of the cosine logits", gt=0)
+    temperature: float = param(2.0, "float", "cross-entropy on scale*cos/temperature", gt=0)
+    consistency: str = param("l1", "str", "consistency loss between fine-tuned and frozen logits",
+                             choices=CONSISTENCY_KINDS)
+    consistency_weight: float = param(0.5, "float", "weight of the consistency loss", ge=0)
+    seed: int = param(1, "int", "seed of the shuffling")
+    device: str = param("cpu", "device", "device the layer trains on (eval/sweep --device sets it)")
+    blend: str = param("feature", "str", "blend fine-tuned and frozen features or logits (beta chosen on val)",
+                       choices=BLEND_MODES, search=True)
 
     def __post_init__(self):
         if isinstance(self.train_groups, str):
             self.train_groups = (self.train_groups,)
-        elif isinstance(self.train_groups, (list, tuple)):
+        elif isinstance(self.train_groups, list):
             self.train_groups = tuple(self.train_groups)
+        if self.warmup_epochs is None and is_int(self.epochs):
+            self.warmup_epochs = default_warmup(self.epochs)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["train_groups"] = list(self.train_groups)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "SafeConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CachekitError(
-                f"unknown SAFE setting(s) {', '.join(unknown)}; fix: use only {', '.join(sorted(known))}"
-            )
-        cfg = cls(**dict(d))
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> "SafeConfig":
-        def bad(name, why):
-            raise CachekitError(f"SAFE setting {name}={getattr(self, name)!r} is invalid: {why}")
-
-        def is_int(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
-                and math.isfinite(float(v))
-
-        if not is_int(self.epochs) or self.epochs < 1:
-            bad("epochs", "fix: use an integer >= 1")
-        if not is_num(self.lr) or self.lr <= 0:
-            bad("lr", "fix: use a positive number, e.g. 1e-4")
-        if not is_num(self.eps) or self.eps <= 0:
-            bad("eps", "fix: use a positive number, e.g. 1e-4")
-        if not is_num(self.weight_decay) or self.weight_decay < 0:
-            bad("weight_decay", "fix: use a number >= 0")
-        if not is_int(self.warmup_epochs) or not 0 <= self.warmup_epochs <= self.epochs:
-            bad("warmup_epochs", f"fix: use an integer between 0 and epochs ({self.epochs})")
-        if not is_num(self.min_lr) or self.min_lr < 0 or (is_num(self.lr) and self.min_lr > self.lr):
-            bad("min_lr", "fix: use a number between 0 and lr")
-        if not is_int(self.batch_size) or self.batch_size < 1:
-            bad("batch_size", "fix: use an integer >= 1")
-        if not isinstance(self.train_groups, tuple) or not self.train_groups:
-            bad("train_groups", f"fix: name one or more of {', '.join(GROUPS)}")
-        unknown = [g for g in self.train_groups if g not in GROUPS]
-        if unknown or len(set(self.train_groups)) != len(self.train_groups):
-            bad("train_groups", f"fix: name distinct groups among {', '.join(GROUPS)}")
-        if not is_num(self.logit_scale) or self.logit_scale <= 0:
-            bad("logit_scale", "fix: use a positive number, e.g. 100")
-        if not is_num(self.temperature) or self.temperature <= 0:
-            bad("temperature", "fix: use a positive number, e.g. 2")
-        if self.consistency not in CONSISTENCY_KINDS:
-            bad("consistency", f"fix: use one of {', '.join(CONSISTENCY_KINDS)}")
-        if not is_num(self.consistency_weight) or self.consistency_weight < 0:
-            bad("consistency_weight", "fix: use a number >= 0")
-        if not is_int(self.seed):
-            bad("seed", "fix: use an integer")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            bad("device", "fix: use a torch device string such as 'cpu' or 'cuda'")
+    def check(self) -> "SafeConfig":
+        super().check()
+        if not self.warmup_epochs <= self.epochs:
+            self._fail("warmup_epochs", f"fix: use an integer between 0 and epochs ({self.epochs})")
+        if self.min_lr > self.lr:
+            self._fail("min_lr", "fix: use a number between 0 and lr")
         return self
+
+    validate = check
+
+    def fit_key(self) -> dict:
+        """The settings that decide the trained layer (where it ran and how it is blended do not)."""
+        d = self.to_dict()
+        d.pop("device")
+        d.pop("blend")
+        return d
 
 
 def lr_schedule(config: SafeConfig, iters_per_epoch: int) -> np.ndarray:
@@ -406,3 +375,72 @@ def select_blend(val_f_ft: torch.Tensor, val_f_orig: torch.Tensor, val_y, W: tor
         extra["test_acc_frozen"] = accuracy(blended_logits(test_f_ft, test_f_orig, W, 0.0, mode, logit_scale), ty)
     return Selection(method="safe", params={"beta": beta, "mode": mode}, val_acc=curve[best],
                      test_acc=test_acc, extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------- estimator
+class SafeEstimator(Estimator):
+    """SAFE on a task: reuse the stored fit of these settings or train one (and store it), then choose the
+    blend beta on val and score test once. `fit` leaves the pooled features for SAFE-A in `self.features`."""
+
+    def fit(self, task) -> "SafeEstimator":
+        from cachekit.progress import Counter
+
+        cfg = self.config
+        key = {"k": int(task.k), "seed": int(task.seed), "config": cfg.fit_key()}
+        self.key = key
+        params0, self.heads = task.attnpool()
+        stored = task.load_fit("safe", key)
+        if stored is not None:
+            self.params = {n[len("params/"):]: torch.from_numpy(a) for n, a in stored["arrays"].items()
+                           if n.startswith("params/")}
+            self.log, self.trained, self.stored = stored["attrs"]["info"]["log"], False, None
+            return self
+        src, labels = task.train_dense()
+        bar = Counter(task.progress, f"SAFE K={task.k} seed={task.seed}", cfg.epochs, "epoch")
+
+        def cb(entry):
+            bar.advance(loss=f"{entry['loss']:.3f}")
+
+        res = fit(src, labels, task.W.cpu(), params0, self.heads, cfg, val=(task.dense("val"), task.val_y.cpu()),
+                  callback=cb)
+        bar.close()
+        self.params, self.log, self.trained = res.params, res.log, True
+        arrays = {f"params/{n}": t.detach().cpu().numpy() for n, t in self.params.items()}
+        info = {"log": self.log, "heads": self.heads}
+        path = task.save_fit("safe", key, arrays, info)
+        self.stored = str(path) if path else None
+        return self
+
+    def pooled(self, task, split: str) -> torch.Tensor:
+        """L2-normalised features of a split pooled by the fine-tuned layer."""
+        return pool(task.dense(split), self.params, self.heads, device=self.config.device)
+
+    def select(self, task) -> Selection:
+        W = task.W.cpu()
+        f_ft_val, f_orig_val = self.pooled(task, "val"), task.val_f.cpu()
+        if task.val_is_test:
+            f_ft_test, f_orig_test = f_ft_val, f_orig_val
+        else:
+            f_ft_test, f_orig_test = self.pooled(task, "test"), task.test_f.cpu()
+        self.features = {"val": (f_ft_val, f_orig_val), "test": (f_ft_test, f_orig_test)}
+        self.selection = select_blend(f_ft_val, f_orig_val, task.val_y.cpu(), W, mode=self.config.blend,
+                                      test_f_ft=f_ft_test, test_f_orig=f_orig_test, test_y=task.test_y.cpu())
+        return self.selection
+
+    def blended(self, split: str) -> torch.Tensor:
+        """Features of a split with the beta chosen on val (feature blending; SAFE-A's inputs)."""
+        f_ft, f_orig = self.features[split]
+        return blend_features(f_ft, f_orig, self.selection.params["beta"])
+
+    def extra(self) -> dict:
+        sel = self.selection
+        return {"trained": self.trained, "val_acc_frozen": sel.extra["val_acc_frozen"],
+                "test_acc_frozen": sel.extra.get("test_acc_frozen"),
+                "final_train_loss": self.log[-1]["loss"] if self.log else None, "log": self.log,
+                **({"stored": self.stored} if self.stored else {})}
+
+
+from cachekit.methods.registry import register  # noqa: E402
+
+register("safe", config=SafeConfig, estimator=SafeEstimator, trained=True, doc="docs/methods-safe.md",
+         summary="fine-tune the attention-pooling layer on cached dense maps, blend with the frozen one")

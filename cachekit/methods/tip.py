@@ -95,3 +95,32 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
              "grid": {"s_beta": s_beta, "s_alpha": s_alpha, "n_beta": n_beta, "n_alpha": n_alpha},
              "ties": int((counts == best).sum().item())}
     return Selection(method="tip", params=params, val_acc=val_acc, test_acc=test_acc, extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------- registration
+from dataclasses import dataclass  # noqa: E402
+
+from ..params import Config, param  # noqa: E402
+from .base import Estimator  # noqa: E402
+from .registry import register  # noqa: E402
+
+
+@dataclass
+class TipConfig(Config):
+    """Tip-Adapter's search grid (docs/methods-training-free.md)."""
+
+    OWNER = "tip"
+    s: tuple = param((7, 7), "floats", "search scales (s_beta, s_alpha): beta_i = 0.1 + i(s_beta - 0.1)/n_beta",
+                     length=2, gt=0, search=True)
+    n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True)
+
+
+class TipAdapter(Estimator):
+    def select(self, task) -> Selection:
+        s, n = self.config.s, self.config.n
+        return select(task.val_f, task.val_y, task.W, task.F, task.L, task.test_f, task.test_y,
+                      s_beta=s[0], s_alpha=s[1], n_beta=n[0], n_alpha=n[1])
+
+
+register("tip", config=TipConfig, estimator=TipAdapter, doc="docs/methods-training-free.md",
+         summary="Tip-Adapter: 100 f·Wᵀ + α exp(-β(1 - f·Fᵀ)) L, (β, α) on val")

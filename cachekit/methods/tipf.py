@@ -10,117 +10,55 @@ initial (alpha, beta); the first best epoch is kept. Then (beta, alpha) is re-se
 
 Pure tensor functions: no files, no printing; progress goes through an optional callback.
 The training loop shared with APE-T (`train_loop`, `cosine_lr`, `check_inputs`) lives in `training.py`;
-this module still holds the config checks.
+the settings are declared once in `AdapterConfig` (checked by cachekit.params).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable
 
-import numpy as np
 import torch
 
 from ..errors import CachekitError
+from ..params import Config, param
 from . import tip, zeroshot
-from .base import Selection
+from .base import Estimator, Selection
+from .registry import register
 from .training import check_inputs, train_loop
 from .training import cosine_lr  # noqa: F401  re-export (moved to training.py)
 
 
-# ----------------------------------------------------------------------------------------------- checks
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+# ----------------------------------------------------------------------------------------------- config
+@dataclass
+class AdapterConfig(Config):
+    """The training settings Tip-F and APE-T share (one declaration; subclasses change defaults)."""
 
+    epochs: int = param(20, "int", "training epochs (the best val epoch is kept)", ge=1)
+    lr: float = param(1e-3, "float", "AdamW learning rate (cosine schedule per iteration)", ge=0)
+    eps: float = param(1e-4, "float", "AdamW eps", gt=0)
+    weight_decay: float = param(0.01, "float", "AdamW weight decay", ge=0)
+    batch_size: int = param(256, "int", "train views per step", ge=1)
+    epoch_size: int | None = param(None, "int", "train views drawn per epoch; null: every view once",
+                                   ge=1, optional=True)
+    init_alpha: float = param(1.0, "float", "alpha used while training", ge=0)
+    init_beta: float = param(1.0, "float", "beta used while training", ge=0)
+    seed: int = param(1, "int", "seed of the shuffling")
+    device: str = param("cpu", "device", "device the adapter trains on (eval/sweep --device sets it)")
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
-        and math.isfinite(float(v))
-
-
-def check_common(cfg, what: str) -> None:
-    """Checks shared by the Tip-F and APE-T configs; raises CachekitError naming the field and the fix."""
-
-    def bad(name, why):
-        raise CachekitError(f"{what} setting {name}={getattr(cfg, name)!r} is invalid; fix: {why}")
-
-    if not _is_int(cfg.epochs) or cfg.epochs < 1:
-        bad("epochs", "use an integer >= 1")
-    if not _is_num(cfg.lr) or cfg.lr < 0:
-        bad("lr", "use a number >= 0, e.g. 1e-3")
-    if not _is_num(cfg.eps) or cfg.eps <= 0:
-        bad("eps", "use a positive number, e.g. 1e-4")
-    if not _is_num(cfg.weight_decay) or cfg.weight_decay < 0:
-        bad("weight_decay", "use a number >= 0")
-    if not _is_int(cfg.batch_size) or cfg.batch_size < 1:
-        bad("batch_size", "use an integer >= 1")
-    if cfg.epoch_size is not None and (not _is_int(cfg.epoch_size) or cfg.epoch_size < 1):
-        bad("epoch_size", "use an integer >= 1, or None for every train view each epoch")
-    if not _is_num(cfg.init_alpha) or cfg.init_alpha < 0:
-        bad("init_alpha", "use a number >= 0, e.g. 1")
-    if not _is_num(cfg.init_beta) or cfg.init_beta < 0:
-        bad("init_beta", "use a number >= 0, e.g. 1")
-    if not _is_int(cfg.seed):
-        bad("seed", "use an integer")
-    if not isinstance(cfg.device, str):
-        bad("device", "use a torch device string such as 'cpu' or 'cuda'")
-    try:
-        torch.device(cfg.device)
-    except (RuntimeError, TypeError):
-        bad("device", "use a torch device string such as 'cpu' or 'cuda'")
-
-
-def config_from_dict(cls, d: Mapping, what: str):
-    if not isinstance(d, Mapping):
-        raise CachekitError(f"{what} settings must be a mapping, got {type(d).__name__}; fix: pass a dict")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise CachekitError(f"unknown {what} setting(s) {', '.join(map(str, unknown))}; "
-                            f"fix: use only {', '.join(sorted(known))}")
-    cfg = cls(**dict(d))
-    cfg.validate()
-    return cfg
-
-
-class AdapterConfig:
-    """What the Tip-F and APE-T config dataclasses share; a subclass names itself in LABEL (messages)."""
-
-    LABEL = "adapter"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping):
-        return config_from_dict(cls, d, cls.LABEL)
-
-    def validate(self):
-        check_common(self, self.LABEL)
-        return self
 
 
 # ----------------------------------------------------------------------------------------------- config
 @dataclass
 class TipFConfig(AdapterConfig):
-    """Tip-Adapter-F training settings (defaults: the released code; see docs/methods-trained-adapters.md).
+    """Tip-Adapter-F settings (defaults: the released code; see docs/methods-trained-adapters.md).
 
     weight_decay 0.01 is torch's AdamW default, which the released code uses implicitly (it passes none).
-    epoch_size: train views drawn (without replacement) per epoch; None = every row of X once per epoch.
     """
 
-    epochs: int = 20
-    lr: float = 1e-3
-    eps: float = 1e-4
-    weight_decay: float = 0.01
-    batch_size: int = 256
-    epoch_size: int | None = None
-    init_alpha: float = 1.0
-    init_beta: float = 1.0
-    seed: int = 1
-    device: str = "cpu"
-
-    LABEL = "Tip-Adapter-F"
+    OWNER = "tipf"
+    s: tuple = param((7, 7), "floats", "search scales (s_beta, s_alpha) after training", length=2, gt=0,
+                     search=True)
+    n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True)
 
 
 @dataclass
@@ -191,3 +129,24 @@ def select(fit_result: TipFFit, val_f: torch.Tensor, val_y, W: torch.Tensor, L: 
                   "val_acc_init": fit_result.val_acc_init,
                   "init": {"alpha": fit_result.config.init_alpha, "beta": fit_result.config.init_beta}})
     return Selection(method="tipf", params=params, val_acc=sel.val_acc, test_acc=sel.test_acc, extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------- estimator
+class TipF(Estimator):
+    """Train the keys on the augmented views (epoch chosen on val), then search (beta, alpha) on val."""
+
+    def fit(self, task) -> "TipF":
+        X, y = task.train_views()
+        self.result = fit(X, y, task.W, task.F, task.L, task.val_f, task.val_y, self.config)
+        return self
+
+    def select(self, task) -> Selection:
+        return select(self.result, task.val_f, task.val_y, task.W, task.L, task.test_f, task.test_y,
+                      s=self.config.s, n=self.config.n)
+
+    def extra(self) -> dict:
+        return {"best_epoch": self.result.best_epoch, "val_acc_init": self.result.val_acc_init}
+
+
+register("tipf", config=TipFConfig, estimator=TipF, trained=True, doc="docs/methods-trained-adapters.md",
+         summary="Tip-Adapter-F: cache keys trained, epoch and (β, α) on val")

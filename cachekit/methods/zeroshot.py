@@ -22,3 +22,27 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor,
     if test_f is not None and test_y is not None:
         test_acc = accuracy(logits(test_f, W), test_y)
     return Selection(method="zeroshot", params={}, val_acc=val_acc, test_acc=test_acc)
+
+
+# ----------------------------------------------------------------------------------------------- registration
+from dataclasses import dataclass  # noqa: E402
+
+from ..params import Config  # noqa: E402
+from .base import Estimator  # noqa: E402
+from .registry import register  # noqa: E402
+
+
+@dataclass
+class ZeroShotConfig(Config):
+    """Zero-shot CLIP has no settings."""
+
+    OWNER = "zeroshot"
+
+
+class ZeroShot(Estimator):
+    def select(self, task) -> Selection:
+        return select(task.val_f, task.val_y, task.W, task.test_f, task.test_y)
+
+
+register("zeroshot", config=ZeroShotConfig, estimator=ZeroShot, doc="docs/methods-training-free.md",
+         summary="CLIP's text classifier: 100 f·Wᵀ")
