@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import CONTEXT, device_option, emit_json, friendly, note, progress_view, quiet_option, table
+from .common import CONTEXT, device_option, emit_json, friendly, note, progress_view, quiet_option
 from .method_cmds import cache_notes, print_table, record_notes
 
 

@@ -9,13 +9,17 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import CachekitError
 from . import zeroshot
-from .base import Selection, accuracy, first_best
+from ..params import Config, param
+from .base import Estimator, Selection, accuracy, first_best
 from .grids import alpha_grid, beta_grid, gamma_grid
-from .refine import refine
+from .refine import channels_for, refine, resolve_channels
+from .registry import register
 from .search import LinearArgmaxCounter, row_chunk
 from .tip import cache_logits
 
@@ -215,12 +219,7 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
 
 
 # ----------------------------------------------------------------------------------------------- registration
-from dataclasses import dataclass  # noqa: E402
 
-from ..params import Config, param  # noqa: E402
-from .base import Estimator  # noqa: E402
-from .refine import channels_for, resolve_channels  # noqa: E402
-from .registry import register  # noqa: E402
 
 CHANNEL_SOURCES = ("auto", "stored", "computed")
 

@@ -13,14 +13,18 @@ difference, which decides the argmax, is lost to cancellation in float32.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
 
 from ..errors import CachekitError
 from . import zeroshot
-from .base import Selection, accuracy, correct_counts, first_best
+from ..params import Config
+from .base import Estimator, Selection, accuracy, correct_counts, first_best
 from .grids import gda_alpha_grid
+from .registry import register
 
 
 def fit(X: torch.Tensor, y: torch.Tensor, num_classes: int,
@@ -96,11 +100,6 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, X: torch.T
 
 
 # ----------------------------------------------------------------------------------------------- registration
-from dataclasses import dataclass  # noqa: E402
-
-from ..params import Config  # noqa: E402
-from .base import Estimator  # noqa: E402
-from .registry import register  # noqa: E402
 
 
 @dataclass

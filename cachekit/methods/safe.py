@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from cachekit.attnpool import GROUPS, AttnPool
 from cachekit.errors import CachekitError
 from cachekit.methods.base import Estimator, Selection, accuracy, first_best
+from cachekit.methods.registry import register
 from cachekit.params import Config, is_int, param
 
 CONSISTENCY_KINDS = ("l1", "kl", "none")
@@ -439,8 +440,6 @@ class SafeEstimator(Estimator):
                 "final_train_loss": self.log[-1]["loss"] if self.log else None, "log": self.log,
                 **({"stored": self.stored} if self.stored else {})}
 
-
-from cachekit.methods.registry import register  # noqa: E402
 
 register("safe", config=SafeConfig, estimator=SafeEstimator, trained=True, doc="docs/methods-safe.md",
          summary="fine-tune the attention-pooling layer on cached dense maps, blend with the frozen one")

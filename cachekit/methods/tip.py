@@ -4,13 +4,16 @@ The exact vectorised counter its search uses (LinearArgmaxCounter, count_correct
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import zeroshot
-from .base import Selection, accuracy, first_best
+from ..params import Config, param
+from .base import Estimator, Selection, accuracy, first_best
 from .grids import alpha_grid, beta_grid
 from .search import LinearArgmaxCounter, row_chunk
-from .search import count_correct  # noqa: F401  re-export (moved to search.py)
+from .registry import register
 
 
 def affinity(f: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
@@ -98,11 +101,6 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor, F: torch.T
 
 
 # ----------------------------------------------------------------------------------------------- registration
-from dataclasses import dataclass  # noqa: E402
-
-from ..params import Config, param  # noqa: E402
-from .base import Estimator  # noqa: E402
-from .registry import register  # noqa: E402
 
 
 @dataclass

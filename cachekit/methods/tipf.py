@@ -25,7 +25,6 @@ from . import tip, zeroshot
 from .base import Estimator, Selection
 from .registry import register
 from .training import check_inputs, train_loop
-from .training import cosine_lr  # noqa: F401  re-export (moved to training.py)
 
 
 # ----------------------------------------------------------------------------------------------- config

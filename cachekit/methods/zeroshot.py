@@ -1,9 +1,13 @@
 """Zero-shot CLIP on cached features: logits = 100 * f @ W.T (fixed scale 100)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Selection, accuracy
+from ..params import Config
+from .base import Estimator, Selection, accuracy
+from .registry import register
 
 #: Fixed zero-shot logit scale (not CLIP's learned logit_scale).
 SCALE = 100.0
@@ -25,11 +29,6 @@ def select(val_f: torch.Tensor, val_y: torch.Tensor, W: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------- registration
-from dataclasses import dataclass  # noqa: E402
-
-from ..params import Config  # noqa: E402
-from .base import Estimator  # noqa: E402
-from .registry import register  # noqa: E402
 
 
 @dataclass
