@@ -682,67 +682,11 @@ class Problem:
         return f"{self.key}: {self.message}"
 
 
-def _get(f: h5py.File, path: str):
+def _get(f, path: str):
     try:
         return f.get(path)
     except (KeyError, ValueError, RuntimeError, OSError):
         return None
-
-
-def _lenient_attr(f: h5py.File, path: str, name: str):
-    obj = _get(f, path)
-    if obj is None or name not in obj.attrs:
-        return None
-    try:
-        return decode_attr(_attr_field(path, name)[0], obj.attrs[name])
-    except (FieldError, KeyError):
-        return None
-
-
-def dims_of(f: h5py.File) -> Dims:
-    def first_dim(path):
-        ds = _get(f, path)
-        return int(ds.shape[0]) if isinstance(ds, h5py.Dataset) and ds.ndim == 1 else None
-
-    dense = _lenient_attr(f, ROOT, Attr.DENSE_SHAPE)
-    dense = tuple(dense) if isinstance(dense, list) and len(dense) == 3 and all(x >= 1 for x in dense) else None
-    views = _lenient_attr(f, ROOT, Attr.VIEWS)
-    n = {}
-    for s in SPLITS:
-        v = _lenient_attr(f, split_path(s), SplitAttr.NUM_IMAGES)
-        n[s] = v if v is not None and v >= 0 else None
-    dd = _lenient_attr(f, ROOT, Attr.DENSE_DTYPE)
-    return Dims(C=first_dim(CLASSNAMES), D=_lenient_attr(f, ROOT, Attr.EMBED_DIM),
-                V=views if views is not None and views >= 0 else None, dense=dense, N=n,
-                T=first_dim(TEMPLATES), B=first_dim(bad_images_path("split")),
-                dense_dtype=dd if dd in DENSE_DTYPES else None,
-                shots=_lenient_attr(f, ROOT, Attr.SHOTS), seeds=_lenient_attr(f, ROOT, Attr.SEEDS))
-
-
-def _expand(pattern: str, f: h5py.File, dims: Dims) -> list[tuple[str, dict]]:
-    out = [(pattern, {})]
-    if "{split}" in pattern:
-        out = [(p.replace("{split}", s), {**q, "split": s}) for p, q in out for s in SPLITS]
-    if "{K}" in pattern:
-        sets = set()
-        shots, seeds = dims.get("shots"), dims.get("seeds")
-        if shots and seeds:
-            sets |= {(k, s) for k in shots for s in seeds}
-        g = _get(f, FEWSHOT)
-        if isinstance(g, h5py.Group):
-            sets |= {ks for ks in map(parse_fewshot_key, g.keys()) if ks is not None}
-        out = [(p.replace("K{K}_seed{seed}", fewshot_key(k, s)), {**q, "K": k, "seed": s})
-               for p, q in out for k, s in sorted(sets)]
-    if "{param}" in pattern:
-        out = [(p.replace("{param}", a), {**q, "param": a}) for p, q in out for a in ATTNPOOL_PARAMS]
-    return out
-
-
-def instances(f: h5py.File, dims: Dims | None = None) -> list[Instance]:
-    """Every concrete group, dataset and attribute the schema expects in `f` (few-shot sets: those of
-    `/@shots` × `/@seeds` and any other present)."""
-    dims = dims or dims_of(f)
-    return [Instance(fld, path, params) for fld in FIELDS for path, params in _expand(fld.path, f, dims)]
 
 
 def _walk(g: h5py.Group, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, Any]]:
@@ -756,25 +700,122 @@ def _walk(g: h5py.Group, prefix: str = "", depth: int = 0) -> Iterator[tuple[str
             yield from _walk(obj, path, depth + 1)
 
 
-def check(f: h5py.File, extras: bool = True, attr_checksums: bool = True) -> tuple[list[Problem], Dims]:
+class _Unreadable:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class View:
+    """One pass over a file: every object by path (a hard-linked one under each of its paths), each
+    object's attributes read once. `check`, `instances` and `dims_of` take a View or a file."""
+
+    def __init__(self, f: h5py.File):
+        self.f = f
+        self.objs = {ROOT: f, **dict(_walk(f))}
+        self._attrs: dict[str, dict] = {}
+
+    def get(self, path: str):
+        return self.objs.get(path)
+
+    def attrs(self, path: str) -> dict:
+        if path not in self._attrs:
+            obj, d = self.objs.get(path), {}
+            if obj is not None:
+                try:
+                    d = dict(obj.attrs.items())  # several times faster than one by one
+                except Exception:
+                    for name in obj.attrs.keys():
+                        try:
+                            d[name] = obj.attrs[name]
+                        except Exception as exc:  # an attribute h5py cannot decode
+                            d[name] = _Unreadable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._attrs[path] = d
+        return self._attrs[path]
+
+
+def _as_view(f) -> View:
+    return f if isinstance(f, View) else View(f)
+
+
+def _lenient_attr(v: View, path: str, name: str):
+    raw = v.attrs(path).get(name)
+    if raw is None or isinstance(raw, _Unreadable):
+        return None
+    try:
+        return decode_attr(_attr_field(path, name)[0], raw)
+    except (FieldError, KeyError):
+        return None
+
+
+def dims_of(f) -> Dims:
+    v = _as_view(f)
+
+    def first_dim(path):
+        ds = v.get(path)
+        return int(ds.shape[0]) if isinstance(ds, h5py.Dataset) and ds.ndim == 1 else None
+
+    dense = _lenient_attr(v, ROOT, Attr.DENSE_SHAPE)
+    dense = tuple(dense) if isinstance(dense, list) and len(dense) == 3 and all(x >= 1 for x in dense) else None
+    views = _lenient_attr(v, ROOT, Attr.VIEWS)
+    n = {}
+    for s in SPLITS:
+        x = _lenient_attr(v, split_path(s), SplitAttr.NUM_IMAGES)
+        n[s] = x if x is not None and x >= 0 else None
+    dd = _lenient_attr(v, ROOT, Attr.DENSE_DTYPE)
+    return Dims(C=first_dim(CLASSNAMES), D=_lenient_attr(v, ROOT, Attr.EMBED_DIM),
+                V=views if views is not None and views >= 0 else None, dense=dense, N=n,
+                T=first_dim(TEMPLATES), B=first_dim(bad_images_path("split")),
+                dense_dtype=dd if dd in DENSE_DTYPES else None,
+                shots=_lenient_attr(v, ROOT, Attr.SHOTS), seeds=_lenient_attr(v, ROOT, Attr.SEEDS))
+
+
+def _expand(pattern: str, v: View, dims: Dims) -> list[tuple[str, dict]]:
+    out = [(pattern, {})]
+    if "{split}" in pattern:
+        out = [(p.replace("{split}", s), {**q, "split": s}) for p, q in out for s in SPLITS]
+    if "{K}" in pattern:
+        sets = set()
+        shots, seeds = dims.get("shots"), dims.get("seeds")
+        if shots and seeds:
+            sets |= {(k, s) for k in shots for s in seeds}
+        g = v.get(FEWSHOT)
+        if isinstance(g, h5py.Group):
+            sets |= {ks for ks in map(parse_fewshot_key, g.keys()) if ks is not None}
+        out = [(p.replace("K{K}_seed{seed}", fewshot_key(k, s)), {**q, "K": k, "seed": s})
+               for p, q in out for k, s in sorted(sets)]
+    if "{param}" in pattern:
+        out = [(p.replace("{param}", a), {**q, "param": a}) for p, q in out for a in ATTNPOOL_PARAMS]
+    return out
+
+
+def instances(f, dims: Dims | None = None) -> list[Instance]:
+    """Every concrete group, dataset and attribute the schema expects in `f` (few-shot sets: those of
+    `/@shots` × `/@seeds` and any other present)."""
+    v = _as_view(f)
+    dims = dims or dims_of(v)
+    return [Instance(fld, path, params) for fld in FIELDS for path, params in _expand(fld.path, v, dims)]
+
+
+def check(f, extras: bool = True, attr_checksums: bool = True) -> tuple[list[Problem], Dims]:
     """Compare `f` with the schema without reading any array: every expected object present and of its
     kind, dtype and shape; every attribute present, of its type, valid JSON and a valid value; every
     attribute equal to what `/@attrs_sha256` recorded; with `extras`, nothing undeclared."""
-    dims = dims_of(f)
+    v = _as_view(f)
+    dims = dims_of(v)
     probs: list[Problem] = []
     missing_objs: set[str] = set()
-    insts = instances(f, dims)
+    insts = instances(v, dims)
     attr_values: dict[str, Any] = {}
 
     def under_missing(path):
-        return any(path == m or path.startswith(m.rstrip("/") + "/") for m in missing_objs)
+        return any(path == m or path.startswith(m + "/") for m in missing_objs)
 
     for it in insts:
         fld = it.field
+        if under_missing(it.path):
+            continue  # its group or dataset is reported
+        obj = v.get(it.path)
         if fld.kind in (GROUP, DATASET):
-            if under_missing(it.path):
-                continue
-            obj = _get(f, it.path)
             if obj is None:
                 missing_objs.add(it.path)
                 probs.append(Problem(it.key, "missing", f"{fld.kind} is missing", fld.kind))
@@ -787,31 +828,28 @@ def check(f: h5py.File, extras: bool = True, attr_checksums: bool = True) -> tup
                 continue
             if fld.kind == DATASET:
                 probs += _dataset_problems(obj, fld, it, dims)
-        else:
-            if under_missing(it.path):
-                continue
-            obj = _get(f, it.path)
-            if obj is None:
-                continue
-            if fld.name not in obj.attrs:
-                probs.append(Problem(it.key, "missing", "attribute is missing", ATTRIBUTE))
-                continue
-            try:
-                raw = obj.attrs[fld.name]
-            except (OSError, TypeError, ValueError) as exc:
-                probs.append(Problem(it.key, "type", f"cannot be read ({str(exc).splitlines()[0]})", ATTRIBUTE))
-                continue
-            try:
-                decode_attr(fld, raw, it.key, dims, it.params)
-            except FieldError as exc:
-                probs.append(Problem(it.key, exc.what, exc.message, ATTRIBUTE))
-                continue
-            attr_values[it.key] = raw
+            continue
+        if obj is None:
+            continue
+        attrs = v.attrs(it.path)
+        if fld.name not in attrs:
+            probs.append(Problem(it.key, "missing", "attribute is missing", ATTRIBUTE))
+            continue
+        raw = attrs[fld.name]
+        if isinstance(raw, _Unreadable):
+            probs.append(Problem(it.key, "type", f"cannot be read ({raw.reason})", ATTRIBUTE))
+            continue
+        try:
+            decode_attr(fld, raw, it.key, dims, it.params)
+        except FieldError as exc:
+            probs.append(Problem(it.key, exc.what, exc.message, ATTRIBUTE))
+            continue
+        attr_values[it.key] = raw
 
     if attr_checksums:
-        probs += _attr_checksum_problems(f, insts, attr_values, {p.key for p in probs})
+        probs += _attr_checksum_problems(v, insts, attr_values, {p.key for p in probs})
     if extras:
-        probs += _extras(f, insts)
+        probs += _extras(v, insts)
     return probs, dims
 
 
@@ -843,8 +881,8 @@ def _dataset_problems(ds: h5py.Dataset, fld: Field, it: Instance, dims: Dims) ->
     return out
 
 
-def _recorded(f: h5py.File) -> dict | None:
-    raw = f.attrs.get(ATTRS_CHECKSUM)
+def _recorded(v: View) -> dict | None:
+    raw = v.attrs(ROOT).get(ATTRS_CHECKSUM)
     try:
         v = json.loads(raw) if isinstance(raw, str) else None
     except ValueError:
@@ -852,8 +890,8 @@ def _recorded(f: h5py.File) -> dict | None:
     return v if isinstance(v, dict) else None
 
 
-def _attr_checksum_problems(f, insts, values: dict, reported: set) -> list[Problem]:
-    rec = _recorded(f)
+def _attr_checksum_problems(v: View, insts, values: dict, reported: set) -> list[Problem]:
+    rec = _recorded(v)
     if rec is None:
         return []  # /@attrs_sha256 itself is reported (missing, or not a JSON object)
     out = []
@@ -877,11 +915,11 @@ def _attr_checksum_problems(f, insts, values: dict, reported: set) -> list[Probl
     return out
 
 
-def _extras(f: h5py.File, insts: list[Instance]) -> list[Problem]:
+def _extras(v: View, insts: list[Instance]) -> list[Problem]:
     objs = {it.path for it in insts if it.field.kind != ATTRIBUTE}
     attrs = {it.key for it in insts if it.field.kind == ATTRIBUTE}
     out, undeclared = [], []
-    for path, obj in [(ROOT, f)] + list(_walk(f)):
+    for path, obj in v.objs.items():
         if path != ROOT and path not in objs:
             if not any(path.startswith(u + "/") for u in undeclared):  # its parent is reported already
                 undeclared.append(path)
@@ -890,7 +928,7 @@ def _extras(f: h5py.File, insts: list[Instance]) -> list[Problem]:
             continue
         if obj is None:
             continue
-        for name in obj.attrs.keys():
+        for name in v.attrs(path):
             key = attr_key(path, name)
             if key not in attrs:
                 out.append(Problem(key, "unexpected", "attribute is not in the cache schema", ATTRIBUTE))
@@ -899,14 +937,14 @@ def _extras(f: h5py.File, insts: list[Instance]) -> list[Problem]:
 
 def seal(f: h5py.File) -> None:
     """Record the sha256 of every attribute's value in `/@attrs_sha256`; the writer's last step."""
-    rec = {}
-    for it in instances(f):
+    rec, v = {}, View(f)
+    for it in instances(v):
         fld = it.field
         if fld.kind != ATTRIBUTE or fld.is_checksum or (it.path == ROOT and fld.name == ATTRS_CHECKSUM):
             continue
-        obj = _get(f, it.path)
-        if obj is not None and fld.name in obj.attrs:
-            rec[it.key] = attr_digest(obj.attrs[fld.name])
+        attrs = v.attrs(it.path)
+        if fld.name in attrs:
+            rec[it.key] = attr_digest(attrs[fld.name])
     f.attrs[ATTRS_CHECKSUM] = json.dumps(rec, sort_keys=True)
 
 

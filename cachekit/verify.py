@@ -58,9 +58,9 @@ def verify(cache: Cache, sample: int = 32, full: bool = True) -> Report:
     """Run every check. `full` hashes and scans every dataset; without it (`--quick`) the large ones
     (dense maps and pooled features) are neither hashed nor scanned for NaN/Inf, and the report says so."""
     r = Report()
-    f = cache.file
     try:
-        problems, dims = S.check(f)
+        v = S.View(cache.file)
+        problems, dims = S.check(v)
     except Exception as exc:  # a file so broken the schema walk fails: say so, never a traceback
         r.add("structure", False, f"cannot walk the file: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         return r
@@ -72,11 +72,10 @@ def verify(cache: Cache, sample: int = 32, full: bool = True) -> Report:
     r.add("attributes", not attrs, _join(attrs) if attrs else
           f"every attribute present, of its type, and as written (/@{S.ATTRS_CHECKSUM})")
 
-    datasets = [it for it in S.instances(f, dims) if it.field.kind == S.DATASET and not _affected(it.key, bad_keys)]
-    _guard(r, "shapes", lambda: _shapes(f, dims, shapes, bad_keys))
-    _guard(r, "checksums", lambda: _checksums(f, datasets, bad_keys, full))
-    _guard(r, "finite", lambda: _finite(f, datasets, full))
-    _guard(r, "attnpool", lambda: _attnpool(cache, dims, bad_keys, sample))
+    datasets = [it for it in S.instances(v, dims) if it.field.kind == S.DATASET and not _affected(it.key, bad_keys)]
+    _guard(r, ("shapes",), lambda: [_shapes(v, dims, shapes, bad_keys)])
+    _guard(r, ("checksums", "finite"), lambda: _scan(v, datasets, bad_keys, full))
+    _guard(r, ("attnpool",), lambda: [_attnpool(cache, dims, bad_keys, sample)])
     return r
 
 
@@ -85,35 +84,38 @@ def _affected(key: str, bad_keys) -> bool:
     return key in bad_keys or any(key.startswith(b + "/") or key.startswith(b + "@") for b in bad_keys if "@" not in b)
 
 
-def _guard(r: Report, name: str, fn) -> None:
-    """Run one check; an unforeseen error becomes a failed check naming it, not a traceback."""
+def _guard(r: Report, names: tuple, fn) -> None:
+    """Run checks; an unforeseen error becomes failed checks saying so, not a traceback."""
     try:
-        ok, detail, skipped = fn()
+        results = fn()
     except Exception as exc:
-        r.add(name, False, f"could not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        for name in names:
+            r.add(name, False, f"could not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return
-    r.add(name, ok, detail, skipped)
+    for name, (ok, detail, skipped) in zip(names, results):
+        r.add(name, ok, detail, skipped)
 
 
-def _shapes(f, dims: S.Dims, problems, bad_keys) -> tuple:
+def _shapes(v: S.View, dims: S.Dims, problems, bad_keys) -> tuple:
     out = [str(p) for p in problems]
     C = dims.get("C")
     for s in S.SPLITS:
         key = S.split_path(s, S.LABELS)
-        if key in bad_keys or C is None or key not in f:
+        if _affected(key, bad_keys) or C is None or v.get(key) is None:
             continue
-        lab = f[key][()]
+        lab = v.get(key)[()]
         if len(lab) and (lab.min() < 0 or lab.max() >= C):
             out.append(f"{key}: labels outside 0..{C - 1}")
     tl_key = S.split_path("train", S.LABELS)
-    if C is not None and tl_key not in bad_keys and tl_key in f and S.FEWSHOT in f:
-        tl = f[tl_key][()]
-        for name in f[S.FEWSHOT]:
+    fs = v.get(S.FEWSHOT)
+    if C is not None and not _affected(tl_key, bad_keys) and v.get(tl_key) is not None and fs is not None:
+        tl = v.get(tl_key)[()]
+        for name in fs:
             path = f"{S.FEWSHOT}/{name}"
             ks = S.parse_fewshot_key(name)
-            if path in bad_keys or ks is None:
+            if _affected(path, bad_keys) or ks is None:
                 continue
-            rows = f[path][()]
+            rows = v.get(path)[()]
             if len(rows) and (rows.min() < 0 or rows.max() >= len(tl)):
                 out.append(f"{path}: rows outside the train split 0..{len(tl) - 1}")
             elif not np.array_equal(tl[rows], np.repeat(np.arange(C), ks[0])):
@@ -121,44 +123,34 @@ def _shapes(f, dims: S.Dims, problems, bad_keys) -> tuple:
     return not out, _join(out) if out else "dtypes, row counts and shapes agree; labels and few-shot rows valid", ()
 
 
-def _checksums(f, datasets, bad_keys, full: bool) -> tuple:
-    bad, done, skipped = [], 0, []
+def _scan(v: S.View, datasets, bad_keys, full: bool) -> list[tuple]:
+    """One read of each dataset: its sha256 against the stored one, and NaN/Inf in float data."""
+    bad_sum, nonfinite, skipped, done = [], [], [], 0
     seen: dict = {}
     for it in datasets:
+        if it.field.large and not full:
+            skipped.append(it.key)
+            continue
+        ds = v.get(it.path)
+        if ds.id not in seen:  # a hard-linked dataset (test = val) is read once
+            c, finite = S.Checksum(ds.dtype, ds.shape), True
+            for b in S.iter_blocks(ds):
+                c.update(b)
+                if finite and ds.dtype.kind == "f" and not np.isfinite(b).all():
+                    finite = False
+            seen[ds.id] = (c.hexdigest(), finite)
+        got, finite = seen[ds.id]
+        if not finite:
+            nonfinite.append(it.key)
         key_attr = S.attr_key(it.path, S.CHECKSUM)
         if key_attr in bad_keys:
             continue  # its checksum attribute is missing or malformed: reported under attributes
-        if it.field.large and not full:
-            skipped.append(it.key)
-            continue
-        ds = f[it.path]
-        ident = ds.id  # a hard-linked dataset (test = val) is hashed once
-        got = seen.get(ident) or S.dataset_checksum(ds)
-        seen[ident] = got
         done += 1
-        if ds.attrs.get(S.CHECKSUM) != got:
-            bad.append(f"{it.key}: data does not match {key_attr}")
-    detail = _join(bad) if bad else f"all {done} stored sha256 match"
-    if skipped:
-        detail += f"; skipped (--quick): {', '.join(skipped)}"
-    return not bad, detail, skipped
-
-
-def _finite(f, datasets, full: bool) -> tuple:
-    bad, skipped = [], []
-    for it in datasets:
-        ds = f[it.path]
-        if ds.dtype.kind != "f":
-            continue
-        if it.field.large and not full:
-            skipped.append(it.key)
-            continue
-        if not all(np.isfinite(b).all() for b in S.iter_blocks(ds)):
-            bad.append(it.key)
-    detail = ("NaN/Inf in: " + ", ".join(bad)) if bad else "no NaN/Inf"
-    if skipped:
-        detail += f"; skipped (--quick): {', '.join(skipped)}"
-    return not bad, detail, skipped
+        if v.attrs(it.path).get(S.CHECKSUM) != got:
+            bad_sum.append(f"{it.key}: data does not match {key_attr}")
+    tail = f"; skipped (--quick): {', '.join(skipped)}" if skipped else ""
+    return [(not bad_sum, (_join(bad_sum) if bad_sum else f"all {done} stored sha256 match") + tail, skipped),
+            (not nonfinite, ("NaN/Inf in: " + ", ".join(nonfinite) if nonfinite else "no NaN/Inf") + tail, skipped)]
 
 
 def _attnpool(cache: Cache, dims: S.Dims, bad_keys, sample: int) -> tuple:
