@@ -154,6 +154,21 @@ def attnpool_single_query(x: torch.Tensor, params: Mapping[str, object], num_hea
     return _attend(q, t, p, h)[:, 0]
 
 
+def attention_map(x: torch.Tensor, params: Mapping[str, object], num_heads: int) -> torch.Tensor:
+    """Where the pooled feature looks: token 0's attention weights over the HW spatial tokens, averaged over
+    heads, as (B, H, W). The weight token 0 gives itself (the mean token) is left out, so a row sums to < 1."""
+    x, p, h = _prepare(x, params, num_heads)
+    b, c, hh, ww = x.shape
+    t = tokens(x, p["positional_embedding"])
+    q = _linear(t[:, :1], p["q_proj.weight"], p["q_proj.bias"])
+    k = _linear(t, p["k_proj.weight"], p["k_proj.bias"])
+    hd = c // h
+    qh = q.reshape(b, 1, h, hd).transpose(1, 2)
+    kh = k.reshape(b, -1, h, hd).transpose(1, 2)
+    attn = torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)) / math.sqrt(hd), dim=-1)  # (B, h, 1, T)
+    return attn.mean(dim=1)[:, 0, 1:].reshape(b, hh, ww)
+
+
 class AttnPool(nn.Module):
     """A trainable attention-pooling layer with open_clip's parameter names (single-query forward)."""
 

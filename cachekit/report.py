@@ -123,7 +123,8 @@ def _best_rows(groups, shots, metric, with_n, builds, names):
     return rows
 
 
-def build_report(records: list[dict], out_dir, plots: bool = True, skipped: str | None = None) -> dict:
+def build_report(records: list[dict], out_dir, plots: bool = True, skipped: str | None = None,
+                 figures: dict | None = None) -> dict:
     """Write report.md (and accuracy_vs_shots.png when matplotlib is installed) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,8 +157,12 @@ def build_report(records: list[dict], out_dir, plots: bool = True, skipped: str 
         lines += ["(plots skipped: install the `report` extra, i.e. matplotlib)", ""]
     elif png is not None:
         lines += ["![accuracy vs shots](accuracy_vs_shots.png)", ""]
+    if figures is not None:
+        from .figures import figures_markdown
+
+        lines += [figures_markdown(figures)]
     md = out / "report.md"
-    md.write_text("\n".join(lines), encoding="utf-8")
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"report": str(md), "plot": str(png) if png else None, "runs": len(records),
             "caches": len(by_build)}
 

@@ -50,24 +50,52 @@ def sweep(cache, grid_file, out, device, as_json, quiet):
 @click.option("--out", "out_dir", default=None, type=click.Path(),
               help="Output folder (default: next to RESULTS, named report/).")
 @click.option("--no-plots", is_flag=True)
+@click.option("--figures", "figures_cache", type=click.Path(dir_okay=False), default=None,
+              help="Also draw, from this cache, SAFE's attention (frozen vs fine-tuned) and APE's refinement "
+                   "(similarities before/after, accuracy vs Q).")
+@click.option("--figure-shots", type=int, default=None, help="K of the figures (default: the largest).")
+@click.option("--figure-seed", type=int, default=None, help="Seed of the figures (default: the first).")
+@click.option("--set", "sets", multiple=True, help="SAFE settings of the attention figure, e.g. safe.epochs=10 "
+              "(a stored fit of the same settings is reused).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: what was written.")
+@quiet_option
 @friendly
-def report(results, out_dir, no_plots, as_json):
+def report(results, out_dir, no_plots, figures_cache, figure_shots, figure_seed, sets, as_json, quiet):
     """Write a markdown report (tables per cache and configuration, accuracy-vs-shots plots) from eval/sweep
     JSON lines. Rows are (method, configuration), averaged over seeds only."""
     from pathlib import Path
 
+    from cachekit.errors import CachekitError
     from cachekit.outputs import check_output
     from cachekit.records import read_results
     from cachekit.report import build_report
 
+    from .common import parse_sets
+
     out_dir = out_dir or str(Path(results).parent / "report")
     check_output(out_dir, "folder", inputs=[("results file", results)])
+    user = parse_sets(sets)
+    if set(user) - {"safe"}:
+        raise CachekitError("report --set takes safe.PARAM=VALUE only (the attention figure's SAFE); fix: "
+                            "e.g. --set safe.epochs=10")
     loaded = read_results(results)
     skipped = loaded.problems_line(results)
     if skipped:
         note(f"NOTE: {skipped}")
-    res = build_report(loaded.records, out_dir, plots=not no_plots, skipped=skipped)
+    figs = None
+    if figures_cache:
+        from cachekit.cache import open_cache
+        from cachekit.figures import make_figures
+        from cachekit.methods.registry import get_method
+
+        get_method("safe").make_config(user.get("safe"))
+        view = progress_view(quiet, as_json)
+        with open_cache(figures_cache) as c:
+            try:
+                figs = make_figures(c, out_dir, figure_shots, figure_seed, user.get("safe"), progress=view)
+            finally:
+                view.close()
+    res = build_report(loaded.records, out_dir, plots=not no_plots, skipped=skipped, figures=figs)
     res["skipped_lines"] = len(loaded.skipped)
     if as_json:
         emit_json(res)
