@@ -28,8 +28,9 @@ when ``CACHEKIT_FAULT_DIR`` is set; the hooks only log events (``published <file
 * ``CACHEKIT_FAULT_EPOCH_DELAY`` / ``CACHEKIT_FAULT_ROW_DELAY``: seconds to sleep after each SAFE epoch /
   each sweep row, so a kill lands in the middle of the work;
 * ``CACHEKIT_FAULT_PAUSE_ROW=<n>``: sleep once `n` sweep rows are written, before the next;
-* extract's own ``CACHEKIT_UNIT_DELAY`` (read by cachekit.extract, see :data:`LIBRARY_ENV`) slows it per
-  batch.
+* ``CACHEKIT_FAULT_UNIT_DELAY``: seconds extract sleeps after each published batch (through the
+  documented ``ExtractOptions.on_unit`` callback, set by the hooks; the library reads no test-only
+  environment variable).
 
 Bad inputs: :data:`BAD_CASES`, each a CLI call (in-process, click's CliRunner) with the expected
 outcome: a one-line ``Error: ...`` naming the problem with a non-zero exit and no traceback and no cache
@@ -83,6 +84,9 @@ PATCH_POINTS: dict[str, tuple[str, str, str]] = {
                  "fit(..., callback=cb) calls cb(dict with 'epoch') after each epoch: logs `epoch N`, delays"),
     "runner_run": ("cachekit.runner", "Runner.run",
                    "`cachekit sweep` calls it once per row, after the previous row is written: delays, pauses"),
+    "extract_options": ("cachekit.extract", "ExtractOptions.__post_init__",
+                        "dataclass hook run by every ExtractOptions(...): the wrapper chains a sleeping callback "
+                        "onto its documented `on_unit` (called after each published unit)"),
     "extract_publish": ("cachekit.extract", "publish",
                         "in-process only (check_overwrite_resume): counts the seg-*.h5 a rerun encodes; extract "
                         "must look the name up in its module at call time"),
@@ -109,9 +113,9 @@ USES: tuple[str, ...] = (
     "cachekit.errors.CachekitError",
 )
 
-#: Test-only environment variables that the library itself reads for the harness (to be replaced by hooks):
-#: CACHEKIT_UNIT_DELAY: cachekit.extract sleeps this long after each published batch.
-LIBRARY_ENV: tuple[str, ...] = ("CACHEKIT_UNIT_DELAY",)
+#: The harness needs no test-only environment variable, option or hook in the library itself: it reaches
+#: everything through the PATCH_POINTS above and documented callbacks (ExtractOptions.on_unit, safe.fit's
+#: callback).
 
 
 def resolve(dotted_module: str, attr: str = ""):
@@ -187,8 +191,8 @@ def _event(kind: str, detail: str = ""):
 
 
 def install_hooks():
-    """Wrap the PATCH_POINTS publish (and, when asked, safe_fit and runner_run) to log events and pause.
-    Called in child processes by the generated sitecustomize."""
+    """Wrap the PATCH_POINTS publish (and, when asked, extract_options, safe_fit and runner_run) to log
+    events and pause. Called in child processes by the generated sitecustomize."""
     before = os.environ.get("CACHEKIT_FAULT_PAUSE_BEFORE")
     after = os.environ.get("CACHEKIT_FAULT_PAUSE_AFTER")
 
@@ -207,6 +211,23 @@ def install_hooks():
         return publish
 
     patch("publish", publish_wrapper)
+    unit_delay = float(os.environ.get("CACHEKIT_FAULT_UNIT_DELAY", "0") or 0)
+    if unit_delay:
+        def post_init_wrapper(real_post_init):
+            def __post_init__(self):
+                real_post_init(self)
+                inner = self.on_unit
+
+                def on_unit(info):
+                    if inner is not None:
+                        inner(info)
+                    time.sleep(unit_delay)
+
+                self.on_unit = on_unit
+
+            return __post_init__
+
+        patch("extract_options", post_init_wrapper)
     epoch_delay = float(os.environ.get("CACHEKIT_FAULT_EPOCH_DELAY", "0") or 0)
     if epoch_delay:
         def fit_wrapper(real_fit):
@@ -250,8 +271,7 @@ def hook_env(events_dir: Path, **extra) -> dict:
     site.mkdir(exist_ok=True)
     root, module = harness_import()
     (site / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(root=root, module=module))
-    env = dict(os.environ)
-    env.pop("CACHEKIT_UNIT_DELAY", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEKIT_FAULT_")}  # only what is asked
     # the sitecustomize first, then the folder the harness is imported from (the sitecustomize imports it)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([str(site)] + rest + ([root] if root not in rest else []))
@@ -299,8 +319,23 @@ def h5_contents(path) -> tuple[dict, dict]:
     return arrays, attrs
 
 
+def _without_ignored(name: str, value, ignore_attrs):
+    """A cache's `/@attrs_sha256` (JSON {"/path@name": sha256} of every other attribute) without the entries
+    of ignored attributes (a build's `created` time differs, so does its digest)."""
+    if name != "attrs_sha256":
+        return value
+    try:
+        d = json.loads(value)
+    except (TypeError, ValueError):
+        return value
+    if not isinstance(d, dict):
+        return value
+    return json.dumps({k: v for k, v in d.items() if k.rsplit("@", 1)[-1] not in ignore_attrs}, sort_keys=True)
+
+
 def h5_diff(a, b, ignore_attrs=("created",)) -> list[str]:
-    """Differences between two HDF5 files: every dataset (bit-exact) and every attribute."""
+    """Differences between two HDF5 files: every dataset (bit-exact) and every attribute (but
+    `ignore_attrs`, also within a `/@attrs_sha256` digest table)."""
     import numpy as np
 
     (pa, aa), (pb, ab) = h5_contents(a), h5_contents(b)
@@ -314,7 +349,9 @@ def h5_diff(a, b, ignore_attrs=("created",)) -> list[str]:
     for k in sorted(set(aa) | set(ab)):
         if k.rsplit("@", 1)[1] in ignore_attrs:
             continue
-        x, y = aa.get(k, "<missing>"), ab.get(k, "<missing>")
+        name = k.rsplit("@", 1)[1]
+        x = _without_ignored(name, aa.get(k, "<missing>"), ignore_attrs)
+        y = _without_ignored(name, ab.get(k, "<missing>"), ignore_attrs)
         if not np.array_equal(np.asarray(x), np.asarray(y)):
             out.append(f"attribute {k} differs")
     return out
@@ -382,7 +419,6 @@ def run_cli(args, env: dict | None = None) -> CliResult:
 def run_child(args, env: dict | None = None, timeout=TIMEOUT_S) -> CliResult:
     """Run `python -m cachekit ARGS` as a child process."""
     e = dict(os.environ)
-    e.pop("CACHEKIT_UNIT_DELAY", None)
     e.setdefault("OMP_NUM_THREADS", "2")
     e.update(env or {})
     p = subprocess.run([sys.executable, "-m", "cachekit", *map(str, args)], env=e, capture_output=True, text=True,
@@ -577,7 +613,7 @@ class Extract(Command):
             return n("train") * (c.views + 1) + n("val") + (0 if c.val_is_test else n("test"))
 
     def env(self, ws, phase):
-        extra = {"CACHEKIT_UNIT_DELAY": UNIT_DELAY}
+        extra = {"CACHEKIT_FAULT_UNIT_DELAY": UNIT_DELAY}
         if phase == "assemble":
             extra["CACHEKIT_FAULT_PAUSE_BEFORE"] = ws.target.name
         if phase == "publish-gap":
@@ -903,7 +939,17 @@ def start_trial(cmd: Command, sig_name: str, phase: str, seed: int, d: Path, on_
 
 
 def finish_trial(cmd: Command, t: Trial) -> Trial:
-    """Check what the kill left, rerun the same command in-process, compare with an uninterrupted run."""
+    """Check what the kill left, rerun the same command in-process, compare with an uninterrupted run.
+    A check that itself fails (e.g. a result format the harness does not know) is a problem of this
+    trial, not an error of the whole run."""
+    try:
+        return _finish_trial(cmd, t)
+    except Exception as exc:  # noqa: BLE001
+        t.problems.append(f"harness check failed: {type(exc).__name__}: {exc}")
+        return t
+
+
+def _finish_trial(cmd: Command, t: Trial) -> Trial:
     if not t.killed:
         return t
     ws = t._ws  # type: ignore[attr-defined]
@@ -1024,7 +1070,6 @@ def check_shards(base: Base, work: Path, concurrent: bool = True) -> list[tuple[
              for i in range(2)]
     if concurrent:
         e = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-        e.pop("CACHEKIT_UNIT_DELAY", None)
         procs = [subprocess.Popen([sys.executable, "-m", "cachekit", *map(str, c)], env=e, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for c in calls]
         results = []
@@ -1053,7 +1098,7 @@ def check_overwrite_resume(base: Base, work: Path) -> list[tuple[str, bool, str]
     shutil.copy(base.cache, out)  # an existing cache: the reason to pass --overwrite
     args = ["extract", base.tree, *EXTRACT_ARGS, "--out", out, "--overwrite"]
     ev = work / "events"
-    v = Victim(args, hook_env(ev, CACHEKIT_UNIT_DELAY=UNIT_DELAY), work / "stderr.txt")
+    v = Victim(args, hook_env(ev, CACHEKIT_FAULT_UNIT_DELAY=UNIT_DELAY), work / "stderr.txt")
     reached = v.wait_until(lambda: _count(Workspace(work, ev, out, args), "published", "seg-*") >= 6)
     if reached and v.proc.poll() is None:
         v.signal(signal.SIGINT)
@@ -2117,7 +2162,6 @@ def main(argv=None):
     ap.add_argument("--no-bad-inputs", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    os.environ.pop("CACHEKIT_UNIT_DELAY", None)
     t0 = time.monotonic()
     cleanup = a.work is None
     work = Path(a.work or tempfile.mkdtemp(prefix="cachekit-reliability-"))
