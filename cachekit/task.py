@@ -97,6 +97,12 @@ class CacheTask(Task):
     def _dev(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device)
 
+    def load(self) -> "CacheTask":
+        """Read every pooled tensor now (they are otherwise read on first use); returns self."""
+        for name in ("W", "F", "key_labels", "L", "val_f", "val_y", "test_f", "test_y"):
+            getattr(self, name)
+        return self
+
     @cached_property
     def W(self):
         return self._dev(self.cache.text_classifier())

@@ -307,3 +307,34 @@ def test_outputs_never_clobber_the_cache_or_the_grid(cache_copy, tmp_path):
     one_line_error(run("report", rows, "--out", notes), "is a file, not a folder")
     assert notes.read_text() == "my notes\n"
     assert sha(cache_copy) == before == sha(other)
+
+
+# ------------------------------------------------------------------------------------------- devices
+def test_eval_and_sweep_take_a_device(cache_copy, tmp_path):
+    import torch as _t
+
+    res = run("eval", cache_copy, "--method", "zeroshot,tip", "--set", "tip.n=[10,5]", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    cpu = [json.loads(x) for x in res.stdout.splitlines()]
+    base = [json.loads(x) for x in run("eval", cache_copy, "--method", "zeroshot,tip", "--set", "tip.n=[10,5]",
+                                       "--json").stdout.splitlines()]
+    assert [r["metrics"] for r in cpu] == [r["metrics"] for r in base]
+    if not _t.cuda.is_available():
+        one_line_error(run("eval", cache_copy, "--method", "zeroshot", "--device", "cuda"), "no CUDA GPU", "--device cpu")
+        grid = tmp_path / "g.yaml"
+        grid.write_text("methods: [zeroshot]\n")
+        one_line_error(run("sweep", cache_copy, "--grid", grid, "--device", "cuda:0"), "no CUDA GPU")
+        one_line_error(run("fit-safe", cache_copy, "--device", "cuda", "--epochs", 1), "no CUDA GPU")
+    one_line_error(run("eval", cache_copy, "--method", "zeroshot", "--device", "gpu0"), "not a torch device")
+
+
+def test_runner_moves_inputs_and_trained_methods_to_its_device(cache_copy):
+    from cachekit.cache import open_cache
+    from cachekit.runner import Runner
+
+    with open_cache(cache_copy) as c:
+        r = Runner(c, device="cpu")
+        t = r.inputs(1, 1).load()
+        assert all(getattr(t, n).device.type == "cpu" for n in ("W", "F", "val_f", "test_y"))
+        _, cfg, _ = r.resolve("tipf", 1, 1, {})
+        assert cfg.device == "cpu"
