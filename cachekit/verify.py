@@ -8,6 +8,7 @@ Open the cache with `Cache(path, check=False)` so a damaged one can be reported 
 """
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import torch
 
@@ -26,9 +27,12 @@ class Report:
     def __init__(self):
         self.checks: list[dict] = []
 
-    def add(self, name: str, ok: bool, detail: str = "", skipped=()):
-        """`skipped`: what the check left out (keys of fields, or True for the whole check)."""
+    def add(self, name: str, ok: bool, detail: str = "", skipped=(), problems=()):
+        """`detail`: one line (long lists cut short); `problems`: every problem found, one string each,
+        starting with the field's key; `skipped`: what the check left out (keys, or True for all of it)."""
         c = {"check": name, "ok": bool(ok), "detail": detail}
+        if problems:
+            c["problems"] = [str(p) for p in problems]
         if skipped:
             c["skipped"] = skipped if skipped is True else list(skipped)
         self.checks.append(c)
@@ -68,9 +72,10 @@ def verify(cache: Cache, sample: int = 32, full: bool = True) -> Report:
     objects = [p for p in problems if p.kind != ATTRIBUTE and p.what in ("missing", "kind", "unexpected")]
     attrs = [p for p in problems if p.kind == ATTRIBUTE]
     shapes = [p for p in problems if p.kind != ATTRIBUTE and p.what in ("dtype", "shape")]
-    r.add("structure", not objects, _join(objects) if objects else "every group and dataset present, nothing extra")
+    r.add("structure", not objects, _join(objects) if objects else "every group and dataset present, nothing extra",
+          problems=objects)
     r.add("attributes", not attrs, _join(attrs) if attrs else
-          f"every attribute present, of its type, and as written (/@{S.ATTRS_CHECKSUM})")
+          f"every attribute present, of its type, and as written (/@{S.ATTRS_CHECKSUM})", problems=attrs)
 
     datasets = [it for it in S.instances(v, dims) if it.field.kind == S.DATASET and not _affected(it.key, bad_keys)]
     _guard(r, ("shapes",), lambda: [_shapes(v, dims, shapes, bad_keys)])
@@ -89,11 +94,12 @@ def _guard(r: Report, names: tuple, fn) -> None:
     try:
         results = fn()
     except Exception as exc:
+        why = f"could not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         for name in names:
-            r.add(name, False, f"could not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            r.add(name, False, why, problems=[f"{name}: {why}"])
         return
-    for name, (ok, detail, skipped) in zip(names, results):
-        r.add(name, ok, detail, skipped)
+    for name, (ok, detail, skipped, problems) in zip(names, results):
+        r.add(name, ok, detail, skipped, problems)
 
 
 def _shapes(v: S.View, dims: S.Dims, problems, bad_keys) -> tuple:
@@ -108,7 +114,8 @@ def _shapes(v: S.View, dims: S.Dims, problems, bad_keys) -> tuple:
             out.append(f"{key}: labels outside 0..{C - 1}")
     tl_key = S.split_path("train", S.LABELS)
     fs = v.get(S.FEWSHOT)
-    if C is not None and not _affected(tl_key, bad_keys) and v.get(tl_key) is not None and fs is not None:
+    if C is not None and not _affected(tl_key, bad_keys) and v.get(tl_key) is not None \
+            and not _affected(S.FEWSHOT, bad_keys) and isinstance(fs, h5py.Group):
         tl = v.get(tl_key)[()]
         for name in fs:
             path = f"{S.FEWSHOT}/{name}"
@@ -120,7 +127,7 @@ def _shapes(v: S.View, dims: S.Dims, problems, bad_keys) -> tuple:
                 out.append(f"{path}: rows outside the train split 0..{len(tl) - 1}")
             elif not np.array_equal(tl[rows], np.repeat(np.arange(C), ks[0])):
                 out.append(f"{path}: not K={ks[0]} rows per class, class-grouped")
-    return not out, _join(out) if out else "dtypes, row counts and shapes agree; labels and few-shot rows valid", ()
+    return not out, _join(out) if out else "dtypes, row counts and shapes agree; labels and few-shot rows valid", (), out
 
 
 def _scan(v: S.View, datasets, bad_keys, full: bool) -> list[tuple]:
@@ -149,8 +156,9 @@ def _scan(v: S.View, datasets, bad_keys, full: bool) -> list[tuple]:
         if v.attrs(it.path).get(S.CHECKSUM) != got:
             bad_sum.append(f"{it.key}: data does not match {key_attr}")
     tail = f"; skipped (--quick): {', '.join(skipped)}" if skipped else ""
-    return [(not bad_sum, (_join(bad_sum) if bad_sum else f"all {done} stored sha256 match") + tail, skipped),
-            (not nonfinite, ("NaN/Inf in: " + ", ".join(nonfinite) if nonfinite else "no NaN/Inf") + tail, skipped)]
+    return [(not bad_sum, (_join(bad_sum) if bad_sum else f"all {done} stored sha256 match") + tail, skipped, bad_sum),
+            (not nonfinite, ("NaN/Inf in: " + ", ".join(nonfinite) if nonfinite else "no NaN/Inf") + tail, skipped,
+             [f"{k}: NaN or Inf" for k in nonfinite])]
 
 
 def _attnpool(cache: Cache, dims: S.Dims, bad_keys, sample: int) -> tuple:
@@ -162,7 +170,7 @@ def _attnpool(cache: Cache, dims: S.Dims, bad_keys, sample: int) -> tuple:
              + [S.split_path(s) for s in S.SPLITS])
     broken = [k for k in needs if _affected(k, bad_keys)]
     if broken:
-        return True, f"skipped: needs {', '.join(broken[:4])}{' ...' if len(broken) > 4 else ''} (see above)", True
+        return True, f"skipped: needs {', '.join(broken[:4])}{' ...' if len(broken) > 4 else ''} (see above)", True, ()
     V = dims.V
     params = {p: torch.from_numpy(np.asarray(cache.file[S.attnpool_path(p)][()])).float() for p in S.ATTNPOOL_PARAMS}
     heads = int(cache.file[S.ATTNPOOL].attrs[AttnpoolAttr.NUM_HEADS])
@@ -187,7 +195,8 @@ def _attnpool(cache: Cache, dims: S.Dims, bad_keys, sample: int) -> tuple:
             if rel > worst:
                 worst, where = rel, f"{S.split_path(s, S.DENSE)} view {view}"
     ok = worst <= tol
-    return ok, f"max relative error {worst:.2e} (tolerance {tol:.0e} for {dd} maps)" + (f" at {where}" if not ok else ""), ()
+    detail = f"max relative error {worst:.2e} (tolerance {tol:.0e} for {dd} maps)" + (f" at {where}" if not ok else "")
+    return ok, detail, (), ([] if ok else [f"{where}: attnpool(dense) differs from pooled, {detail}"])
 
 
 __all__ = ["verify", "Report", "TOLERANCE", "CHECKS"]
