@@ -66,7 +66,8 @@ def verify(cache: Cache, sample: int = 32, full: bool = True) -> Report:
         v = S.View(cache.file)
         problems, dims = S.check(v)
     except Exception as exc:  # a file so broken the schema walk fails: say so, never a traceback
-        r.add("structure", False, f"cannot walk the file: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        why = f"cannot walk the file: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        r.add("structure", False, why, problems=[f"/: {why}"])
         return r
     bad_keys = {p.key for p in problems}
     objects = [p for p in problems if p.kind != ATTRIBUTE and p.what in ("missing", "kind", "unexpected")]
