@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
-import warnings
 import posixpath
 import random
 import re
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,9 @@ __all__ = [
     "load_image",
     "check_image",
     "read_classnames",
+    "read_text_file",
+    "available_memory",
+    "MAX_FEWSHOT_ROWS",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -58,6 +63,9 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _SHOW = 5  # how many offending paths an error message names
 
+#: Most rows (classes x K) one few-shot set may hold: a larger request is refused before sampling.
+MAX_FEWSHOT_ROWS = 10_000_000
+
 
 # --------------------------------------------------------------------------------------------- #
 # small helpers
@@ -66,8 +74,122 @@ def _one_line(value) -> str:
     return str(value).replace("\r", "\\r").replace("\n", "\\n")
 
 
+def _display(value) -> str:
+    """A path or name as printable text: bytes of a name that are not UTF-8 are shown as \\xNN."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    s = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        try:
+            return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _error(problem: str, fix: str) -> CachekitError:
-    return CachekitError(f"{_one_line(problem)}; fix: {_one_line(fix)}")
+    return CachekitError(_display(f"{_one_line(problem)}; fix: {_one_line(fix)}"))
+
+
+def _text_problem(text: str) -> str | None:
+    """Why a name or path cannot be stored in a cache (HDF5 strings are UTF-8 without NUL), else None."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _file_problem(path) -> tuple[str | None, os.stat_result | None]:
+    """(None, stat) for a readable regular file; else (the one-line reason, None): missing, broken link,
+    permission denied, a folder, a FIFO or other special file."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        return ("missing (broken link)" if os.path.islink(p) else "missing"), None
+    except NotADirectoryError:
+        return "missing (a parent in its path is a file)", None
+    except PermissionError:
+        return "permission denied", None
+    except (OSError, ValueError) as exc:
+        return (getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"), None
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder, not a file", None
+    if not stat.S_ISREG(st.st_mode):
+        return f"{_file_kind(st.st_mode)}, not a regular file", None
+    if not os.access(p, os.R_OK):
+        return "permission denied", None
+    return None, st
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable; the physical memory if unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 1 << 62
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def read_text_file(path, what: str, fix: str) -> str:
+    """The text of a small user file (manifest, split file, class names, templates), read at the edge: a
+    missing file, a folder, a FIFO or device (reading it would block), no permission, more than the memory
+    available, or bytes that are not UTF-8 are each one CachekitError naming the file and the fix."""
+    p = Path(path)
+    shown = _display(p)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise _error(f"{what} {shown} does not exist", fix) from None
+    except PermissionError:
+        raise _error(f"cannot read {what} {shown}: permission denied",
+                     "make it readable (e.g. chmod a+r) or pass another file") from None
+    except (OSError, ValueError) as exc:
+        raise _error(f"cannot read {what} {shown} ({getattr(exc, 'strerror', None) or exc})", fix) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _error(f"{what} {shown} is {_file_kind(st.st_mode)}, not a regular file", fix)
+    # parsing keeps the text and its rows in memory: about 20 bytes per byte of file in Python objects
+    limit = available_memory() // 20
+    if st.st_size > limit:
+        raise _error(f"{what} {shown} is {_gib(st.st_size)}; reading it needs about {_gib(st.st_size * 20)} of "
+                     f"memory, {_gib(available_memory())} are available (limit {_gib(limit)} of file)",
+                     "split it into smaller files or use a machine with more memory")
+    try:
+        with open(p, "rb") as fh:
+            data = fh.read()
+    except PermissionError:
+        raise _error(f"cannot read {what} {shown}: permission denied",
+                     "make it readable (e.g. chmod a+r) or pass another file") from None
+    except OSError as exc:
+        raise _error(f"cannot read {what} {shown} ({exc.strerror or type(exc).__name__})", fix) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _error(f"{what} {shown} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+                     "save it as UTF-8") from None
 
 
 def _is_hidden(name: str) -> bool:
@@ -196,6 +318,9 @@ def sample_fewshot(items: list[Item], num_classes: int, k: int, seed: int) -> Fe
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise _error(f"invalid number of classes {num_classes!r}", "pass the dataset's class count")
     k, num_classes = int(k), int(num_classes)
+    if k * num_classes > MAX_FEWSHOT_ROWS:
+        raise _error(f"a {k}-shot set of {num_classes} classes would hold {k * num_classes:,} rows, over the limit "
+                     f"of {MAX_FEWSHOT_ROWS:,} (cachekit.data.MAX_FEWSHOT_ROWS)", "use a smaller K (--shots)")
     pools: list[list[int]] = [[] for _ in range(num_classes)]
     for pos, item in enumerate(items):
         if not 0 <= item.label < num_classes:
@@ -282,6 +407,9 @@ def load_image(path) -> Image.Image:
     corrupt, truncated, over :data:`MAX_PIXELS` - raises :class:`BadImageError` naming the path.
     """
     p = os.fspath(path)
+    problem, _ = _file_problem(p)
+    if problem is not None:  # a FIFO would block Image.open forever; a folder or device is no image either
+        raise BadImageError(p, "file not found" if problem == "missing" else problem)
     try:
         # Pillow warns above Image.MAX_IMAGE_PIXELS (raised to MAX_PIXELS on import) and raises above
         # twice that; our own check below refuses everything over MAX_PIXELS before decoding.
@@ -290,6 +418,12 @@ def load_image(path) -> Image.Image:
             width, height = im.size
             if width * height > MAX_PIXELS:
                 raise BadImageError(p, _bomb_reason(width, height))
+            if width * height > _CHECK_MEMORY_ABOVE:
+                need = width * height * _DECODE_BYTES_PER_PIXEL
+                have = available_memory()
+                if need > have:
+                    raise BadImageError(p, f"image is {width}x{height} = {width * height / 1e6:.0f} MP; decoding it "
+                                           f"needs about {_gib(need)} of memory, {_gib(have)} are available")
             im.load()
             return _to_rgb(im)
     except BadImageError:
@@ -309,6 +443,13 @@ def load_image(path) -> Image.Image:
         raise BadImageError(p, f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__) from None
 
 
+#: Images above this many pixels are checked against the memory available before decoding: the
+#: decode, the RGB conversion (alpha compositing, 16-bit scaling in float64) take up to this many bytes
+#: per pixel at once.
+_CHECK_MEMORY_ABOVE = 20_000_000
+_DECODE_BYTES_PER_PIXEL = 24
+
+
 def _bomb_reason(width: int, height: int) -> str:
     return (f"image is {width}x{height} = {width * height / 1e6:.0f} MP, over the "
             f"{MAX_PIXELS / 1e6:.0f} MP decompression-bomb limit (cachekit.data.MAX_PIXELS)")
@@ -322,6 +463,8 @@ def jpeg_bytes(path) -> np.ndarray | None:
     Pillow cannot even open return None, and take the Pillow path (which names any problem).
     """
     p = os.fspath(path)
+    if _file_problem(p)[0] is not None:  # e.g. a FIFO: the Pillow path names it
+        return None
     try:
         with Image.open(p) as im:
             if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.size[0] * im.size[1] > MAX_PIXELS:
@@ -354,19 +497,16 @@ def read_classnames(path) -> list[str]:
     has that form; the wnid is dropped.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise _error(f"classnames file {p} does not exist", "pass an existing file with one class name per line") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _error(f"cannot read classnames file {p} ({type(exc).__name__})",
-                     "pass a UTF-8 text file with one class name per line") from None
+    text = read_text_file(p, "classnames file", "pass an existing UTF-8 text file with one class name per line")
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise _error(f"classnames file {p} is empty", "write one class name per line")
     matches = [_WNID_LINE.match(n) for n in names]
     if all(matches):
         names = [m.group(1).strip() for m in matches]
+    for i, name in enumerate(names):
+        if _text_problem(name):
+            raise _error(f"class name {i} in classnames file {p} {_text_problem(name)}", "remove that character")
     _check_unique_names(names, f"classnames file {p}", "make every line a distinct class name")
     return names
 
@@ -386,6 +526,10 @@ def _relpath_in_root(raw: str, root: Path, where: str) -> str:
     """Normalise a listed path to a POSIX path relative to root; refuse paths that escape root."""
     if not isinstance(raw, str) or not raw.strip():
         raise _error(f"empty image path at {where}", "give every row a path relative to the image root")
+    problem = _text_problem(raw)
+    if problem:
+        raise _error(f"image path {_display(raw)!r} at {where} {problem}",
+                     "fix the path (cachekit stores paths as UTF-8 text without NUL)")
     raw = raw.strip()
     if os.path.isabs(raw):
         norm = os.path.normpath(raw)
@@ -408,21 +552,186 @@ def _relpath_in_root(raw: str, root: Path, where: str) -> str:
     return norm
 
 
-def _check_files_exist(root: Path, splits: dict[str, list[Item]]) -> None:
-    missing: list[str] = []
+def _files_error(root: Path, problems: list[tuple[str, str]], listed: bool) -> CachekitError:
+    """One line for unusable image files: (relative path, reason) each."""
+    n = len(problems)
+    if all(r == "missing" for _, r in problems) and listed:
+        return _error(f"{n} listed image file(s) missing under {root}: {_first_few([p for p, _ in problems])}",
+                      "check --image-root (paths are relative to it) or remove those entries")
+    if all(r.startswith("missing") for _, r in problems):
+        return _error(f"{n} image file(s) missing under {root} (broken links): "
+                      f"{_first_few([p for p, _ in problems])}", "fix or remove the broken links")
+    shown = _first_few([f"{p} ({r})" for p, r in problems])
+    fixes = []
+    if any("permission denied" in r for _, r in problems):
+        fixes.append("make them readable (e.g. chmod a+r, and a+x on their folders)")
+    if any("regular file" in r or "folder" in r for _, r in problems):
+        fixes.append("replace them with image files")
+    if any(r.startswith("missing") for _, r in problems):
+        fixes.append("restore the missing ones")
+    return _error(f"{n} image file(s) under {root} cannot be used: {shown}", f"{' or '.join(fixes) or 'fix them'}, "
+                  "or remove them from the dataset")
+
+
+def _inspect_files(root: Path, splits: dict[str, list[Item]]) -> dict[str, os.stat_result]:
+    """stat of every listed file; an error naming the missing, unreadable and special (FIFO...) ones."""
+    stats: dict[str, os.stat_result] = {}
+    problems: list[tuple[str, str]] = []
     seen: set[str] = set()
     for split in SPLITS:
         for it in splits.get(split, []):
             if it.path in seen:
                 continue
             seen.add(it.path)
-            if not os.path.isfile(root / it.path):
-                missing.append(it.path)
-    if missing:
-        raise _error(
-            f"{len(missing)} listed image file(s) missing under {root}: {_first_few(missing)}",
-            "check --image-root (paths are relative to it) or remove those entries",
-        )
+            problem, st = _file_problem(root / it.path)
+            if problem:
+                problems.append((it.path, problem))
+            else:
+                stats[it.path] = st
+    if problems:
+        raise _files_error(root, problems, listed=True)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- #
+# integrity: one image, one class, one of train / val / test
+# --------------------------------------------------------------------------------------------- #
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except PermissionError:
+        raise _error(f"cannot read image {path}: permission denied",
+                     "make it readable (e.g. chmod a+r) or remove it from the dataset") from None
+    except OSError as exc:
+        raise _error(f"cannot read image {path} ({exc.strerror or type(exc).__name__})",
+                     "restore the file or remove it from the dataset") from None
+    return h.hexdigest()
+
+
+@dataclass
+class _Identity:
+    """Which listed paths are one image: the same file (device and inode: links, hard links, a
+    symlinked folder) or the same bytes (sha256, computed only for files that share a size)."""
+
+    file: dict[str, tuple]  # path -> ("file", dev, ino)
+    key: dict[str, tuple]  # path -> the file key, or ("sha256", digest) when the bytes were hashed
+
+    @classmethod
+    def of(cls, root: Path, stats: dict[str, os.stat_result]) -> "_Identity":
+        file = {p: ("file", st.st_dev, st.st_ino) for p, st in stats.items()}
+        key = dict(file)
+        by_size: dict[int, list[str]] = {}
+        for p, st in stats.items():
+            if st.st_size > 0:  # empty files are no images: decoding names them
+                by_size.setdefault(st.st_size, []).append(p)
+        for paths in by_size.values():
+            if len({file[p] for p in paths}) < 2:
+                continue
+            digests: dict[tuple, str] = {}
+            for p in paths:
+                if file[p] not in digests:
+                    digests[file[p]] = _sha256_file(root / p)
+                key[p] = ("sha256", digests[file[p]])
+        return cls(file, key)
+
+    def how(self, a: str, b: str) -> str:
+        return "the same file" if self.file[a] == self.file[b] else "the same content"
+
+
+def _pairs(pairs: list[tuple[str, str, str]]) -> str:
+    return _first_few([f"{a} = {b} ({how})" for a, b, how in pairs])
+
+
+def _check_integrity(given: dict[str, list[Item]], ident: _Identity, class_keys: list[str], source: str) -> bool:
+    """Refuse an image in two classes, in train and in val/test, linked twice into one split, or in part of
+    val and of test; return True when val and test list exactly the same images (then test is val)."""
+    for split in SPLITS:
+        first: dict[tuple, str] = {}
+        twice = []
+        for it in given.get(split) or []:
+            k = ident.file[it.path]
+            if k in first and first[k] != it.path:
+                twice.append((first[k], it.path, "the same file"))
+            first.setdefault(k, it.path)
+        if twice:
+            raise _error(f"{len(twice)} image(s) of {source} are listed twice in {split} under other names: "
+                         f"{_pairs(twice)}", "remove the link (or the second entry) so that each image is listed once")
+
+    owner: dict[tuple, Item] = {}
+    clash = []
+    for split in SPLITS:
+        for it in given.get(split) or []:
+            k = ident.key[it.path]
+            other = owner.setdefault(k, it)
+            if other.label != it.label:
+                clash.append((f"{other.path} [{class_keys[other.label]}]", f"{it.path} [{class_keys[it.label]}]",
+                              ident.how(other.path, it.path)))
+    if clash:
+        raise _error(f"{len(clash)} image(s) of {source} are in two classes: {_pairs(clash)}",
+                     "keep each image in one class only (remove the copy, the link, or the entry)")
+
+    train = {}
+    for it in given.get("train") or []:
+        train.setdefault(ident.key[it.path], it.path)
+    for split in ("val", "test"):
+        both = [it.path for it in given.get(split) or [] if ident.key[it.path] in train]
+        if both:
+            shown = [p if train[ident.key[p]] == p else f"{p} = {train[ident.key[p]]} ({ident.how(p, train[ident.key[p]])})"
+                     for p in both]
+            raise _error(
+                f"{len(both)} image(s) of {source} are in both train and {split}: {_first_few(shown)}",
+                f"remove them from train or from {split} (evaluation images must not be training images)",
+            )
+
+    val = {ident.key[it.path]: it.path for it in given.get("val") or []}
+    test = {ident.key[it.path]: it.path for it in given.get("test") or []}
+    common = val.keys() & test.keys()
+    if not common:
+        return False
+    if val.keys() == test.keys():
+        return True
+    only = [val[k] for k in val if k not in test] + [test[k] for k in test if k not in val]
+    shared = [val[k] for k in val if k in common]
+    raise _error(
+        f"{len(common)} image(s) of {source} are in both val and test ({_first_few(shared)}), but "
+        f"{len(only)} are in only one of them ({_first_few(only)})",
+        "make val and test disjoint, or list exactly the same images as val and as test (then test is val, "
+        "and every output says so)",
+    )
+
+
+def _missing_labels(present: set[int], num_classes: int, limit: int = _SHOW) -> list[int]:
+    """The first `limit` labels of 0..num_classes-1 not in `present` (never builds the whole range)."""
+    out = []
+    for i in range(num_classes):
+        if i not in present:
+            out.append(i)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def _check_train_classes(train_labels, num_classes: int, names, source: str, how: str = "") -> None:
+    """Every class 0..C-1 needs a train image (few-shot sets are sampled from train). Checked on the
+    labels alone, before anything of size C is allocated."""
+    present = {lab for lab in train_labels if 0 <= lab < num_classes}
+    n_missing = num_classes - len(present)
+    if n_missing <= 0:
+        return
+    first = _missing_labels(present, num_classes)
+
+    def name(i):
+        return f"{i} ({names(i)!r})" if names is not None and names(i) is not None else str(i)
+
+    shown = ", ".join(name(i) for i in first) + (", ..." if n_missing > len(first) else "")
+    raise _error(
+        f"{n_missing:,} of the {num_classes:,} classes of {source} have no train images: label(s) {shown}{how}",
+        "give every class train images (few-shot sets are sampled from train); with integer labels, number the "
+        "classes 0..C-1 without gaps",
+    )
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -448,13 +757,18 @@ def _carve_counts(n: int, fractions: list[float]) -> list[int]:
 
 
 def _carve(train: list[Item], class_keys: list[str], split_seed: int,
-           fractions: dict[str, float]) -> tuple[list[Item], dict[str, list[Item]]]:
+           fractions: dict[str, float], same=None) -> tuple[list[Item], dict[str, list[Item]]]:
     """Carve splits out of train, per class (stratified) with a per-class seeded shuffle.
 
     For each class: its items in dataset order are shuffled by ``random.Random(seed)`` with
     ``seed = first 8 bytes of sha256("cachekit-split\\0{split_seed}\\0{class key}")``; the first items go to
     test, the next to val (in the order of ``fractions``), the rest stay in train. Every list keeps the
     dataset order.
+
+    ``same`` (position -> key, optional): copies of one image (same key) are carved together, so that no
+    copy stays in train while another goes to val or test. A split takes a whole group when its first
+    copy comes up in the shuffled order (it may then take a little more than its count; train keeps at
+    least one group). Without copies this is exactly the rule above.
     """
     by_class: dict[int, list[int]] = {}
     for pos, it in enumerate(train):
@@ -465,11 +779,25 @@ def _carve(train: list[Item], class_keys: list[str], split_seed: int,
         counts = _carve_counts(len(positions), [fractions[s] for s in names])
         order = list(positions)
         random.Random(_derive_seed("cachekit-split", split_seed, class_keys[label])).shuffle(order)
-        start = 0
+        if same is None:
+            start = 0
+            for split, count in zip(names, counts):
+                for pos in order[start:start + count]:
+                    assigned[pos] = split
+                start += count
+            continue
+        groups: dict[object, list[int]] = {}
+        for pos in order:
+            groups.setdefault(same(pos), []).append(pos)
+        units = list(groups.values())  # in the order of each group's first copy
+        u = 0
         for split, count in zip(names, counts):
-            for pos in order[start:start + count]:
-                assigned[pos] = split
-            start += count
+            taken = 0
+            while taken < count and u < len(units) - 1:  # the last group stays in train
+                for pos in units[u]:
+                    assigned[pos] = split
+                taken += len(units[u])
+                u += 1
     carved = {s: [it for pos, it in enumerate(train) if assigned.get(pos) == s] for s in names}
     rest = [it for pos, it in enumerate(train) if pos not in assigned]
     return rest, carved
@@ -477,7 +805,8 @@ def _carve(train: list[Item], class_keys: list[str], split_seed: int,
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+        if (isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f)
+                or not 0.0 <= f < 1.0):
             raise _error(f"invalid {name} {f!r}", f"pass {name} as a number in [0, 1)")
     if val_fraction + test_fraction >= 1.0:
         raise _error(f"val_fraction {val_fraction} + test_fraction {test_fraction} leave nothing for train",
@@ -487,39 +816,21 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
 def _finalize(*, root: Path, classnames: list[str], class_keys: list[str],
               given: dict[str, list[Item]], source_format: str, source: str,
               val_fraction: float, test_fraction: float, split_seed: int,
-              classnames_file, check_files: bool) -> DatasetSpec:
-    """Apply the split rules (carve / val-is-test), class-name override and the final checks."""
+              classnames_file, stats: dict[str, os.stat_result] | None = None) -> DatasetSpec:
+    """Apply the split rules (carve / val-is-test), class-name override and the final checks.
+
+    `stats`: the stat of every listed file when the caller has them (ImageFolder); else every listed file
+    is checked here (exists, is a regular file, is readable)."""
     if not any(given.get(s) for s in SPLITS):
         raise _error(f"no images at all in {source}", "add images (see docs/data-formats.md for the layouts)")
     train = given.get("train") or []
     if not train:
         raise _error(f"{source} has no train images", "add a train split (few-shot sets are sampled from train)")
-    _check_overlap(given, source)
-
-    splits: dict[str, list[Item]] = {}
-    origin: dict[str, str] = {}
-    val_is_test = False
-    has_val, has_test = bool(given.get("val")), bool(given.get("test"))
-    if has_val and has_test:
-        splits = {s: list(given[s]) for s in SPLITS}
-        origin = {s: "given" for s in SPLITS}
-    elif has_val:
-        splits = {"train": list(train), "val": list(given["val"]), "test": list(given["val"])}
-        origin = {"train": "given", "val": "given", "test": "same as val"}
-        val_is_test = True
-    elif has_test:
-        rest, carved = _carve(train, class_keys, split_seed, {"val": val_fraction})
-        splits = {"train": rest, "val": carved["val"], "test": list(given["test"])}
-        origin = {"train": "given minus carved val",
-                  "val": f"carved from train (seed {split_seed}, fraction {val_fraction})",
-                  "test": "given"}
-    else:
-        rest, carved = _carve(train, class_keys, split_seed, {"test": test_fraction, "val": val_fraction})
-        splits = {"train": rest, "val": carved["val"], "test": carved["test"]}
-        origin = {"train": "given minus carved val and test",
-                  "val": f"carved from train (seed {split_seed}, fraction {val_fraction})",
-                  "test": f"carved from train (seed {split_seed}, fraction {test_fraction})"}
-
+    for split in SPLITS:
+        for it in given.get(split) or []:
+            if not 0 <= it.label < len(classnames):  # a loader bug, never user input: labels are checked there
+                raise _error(f"{it.path} in {source} has label {it.label}, outside 0..{len(classnames) - 1}",
+                             "report this bug")
     if classnames_file is not None:
         names = read_classnames(classnames_file)
         if len(names) != len(classnames):
@@ -530,58 +841,137 @@ def _finalize(*, root: Path, classnames: list[str], class_keys: list[str],
             )
         classnames = names
     _check_unique_names(classnames, source, "rename the classes so that every class name is distinct")
-    if check_files:
-        _check_files_exist(root, splits)
+    _check_train_classes((it.label for it in train), len(classnames), lambda i: classnames[i], source)
+    if stats is None:
+        stats = _inspect_files(root, given)
+    ident = _Identity.of(root, stats)
+    listed_twice = _check_integrity(given, ident, class_keys, source)
+
+    splits: dict[str, list[Item]] = {}
+    origin: dict[str, str] = {}
+    val_is_test = False
+    has_val, has_test = bool(given.get("val")), bool(given.get("test"))
+    same = (lambda pos: ident.key[train[pos].path])
+    if has_val and has_test and listed_twice:
+        splits = {"train": list(train), "val": list(given["val"]), "test": list(given["val"])}
+        origin = {"train": "given", "val": "given", "test": "same as val (val and test list the same images)"}
+        val_is_test = True
+    elif has_val and has_test:
+        splits = {s: list(given[s]) for s in SPLITS}
+        origin = {s: "given" for s in SPLITS}
+    elif has_val:
+        splits = {"train": list(train), "val": list(given["val"]), "test": list(given["val"])}
+        origin = {"train": "given", "val": "given", "test": "same as val"}
+        val_is_test = True
+    elif has_test:
+        rest, carved = _carve(train, class_keys, split_seed, {"val": val_fraction}, same)
+        splits = {"train": rest, "val": carved["val"], "test": list(given["test"])}
+        origin = {"train": "given minus carved val",
+                  "val": f"carved from train (seed {split_seed}, fraction {val_fraction})",
+                  "test": "given"}
+    else:
+        rest, carved = _carve(train, class_keys, split_seed, {"test": test_fraction, "val": val_fraction}, same)
+        splits = {"train": rest, "val": carved["val"], "test": carved["test"]}
+        origin = {"train": "given minus carved val and test",
+                  "val": f"carved from train (seed {split_seed}, fraction {val_fraction})",
+                  "test": f"carved from train (seed {split_seed}, fraction {test_fraction})"}
+    _check_train_classes((it.label for it in splits["train"]), len(classnames), lambda i: classnames[i], source)
     return DatasetSpec(root=root, classnames=list(classnames), splits=splits, source_format=source_format,
                        origin=origin, val_is_test=val_is_test, split_seed=split_seed)
-
-
-def _check_overlap(given: dict[str, list[Item]], source: str) -> None:
-    train_paths = {it.path for it in given.get("train") or []}
-    for split in ("val", "test"):
-        both = [it.path for it in given.get(split) or [] if it.path in train_paths]
-        if both:
-            raise _error(
-                f"{len(both)} image(s) of {source} are in both train and {split}: {_first_few(both)}",
-                f"remove them from train or from {split} (evaluation images must not be training images)",
-            )
 
 
 # --------------------------------------------------------------------------------------------- #
 # ImageFolder
 # --------------------------------------------------------------------------------------------- #
-def _subdirs(folder: Path) -> list[str]:
+def _permission_error(folder, what: str = "folder") -> CachekitError:
+    return _error(f"cannot read {what} {folder}: permission denied",
+                  "make it readable (e.g. chmod a+rx) or remove it from the dataset")
+
+
+def _scandir(folder) -> list[os.DirEntry]:
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except PermissionError:
+        raise _permission_error(folder) from None
     except OSError as exc:
         raise _error(f"cannot list {folder} ({exc.strerror or type(exc).__name__})",
                      "check that the folder exists and is readable") from None
-    return [e.name for e in entries if not _is_hidden(e.name) and e.is_dir()]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks
+    except OSError:
+        return False
+
+
+def _subdirs(folder: Path) -> list[str]:
+    names = [e.name for e in _scandir(folder) if not _is_hidden(e.name) and _is_dir(e)]
+    for name in names:
+        problem = _text_problem(name)
+        if problem:
+            raise _error(f"folder name {_display(os.path.join(folder, name))} {problem}",
+                         "rename it (cachekit stores class and path names as UTF-8 text)")
+    return names
 
 
 def _has_images_directly(folder: Path) -> bool:
-    return any(e.is_file() and not _is_hidden(e.name) and _is_image_name(e.name) for e in os.scandir(folder))
+    return any(not _is_hidden(e.name) and _is_image_name(e.name) and not _is_dir(e) for e in _scandir(folder))
 
 
-def _scan_class_folder(folder: Path, root: Path) -> tuple[list[str], list[str]]:
-    """Image paths (relative to root, sorted) under folder, recursively; plus broken links."""
-    found, broken = [], []
-    visited: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in visited:  # symlink loop
-            dirnames[:] = []
-            continue
-        visited.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for name in filenames:
-            if _is_hidden(name) or not _is_image_name(name):
+def _within(path: str, folder: str) -> bool:
+    """path == folder or lies inside it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _scan_class_folder(folder: Path, root: Path) -> tuple[list[tuple[str, os.stat_result]], list[tuple[str, str]]]:
+    """Images under `folder`, recursively (symlinked folders are followed), as (path relative to root, stat)
+    sorted by path; and the unusable ones as (path, reason): broken links, FIFOs and other special files,
+    unreadable files. An unreadable folder, a symlink loop (a link to the folder itself or to a folder
+    above it) or a name that is not UTF-8 is an error."""
+    root_real, top_real = os.path.realpath(root), os.path.realpath(folder)
+    if _within(root_real, top_real):
+        raise _error(f"symlink loop: class folder {folder} points to {top_real}, which holds the whole dataset",
+                     "replace the link by a folder of that class's images")
+    found: list[tuple[str, os.stat_result]] = []
+    bad: list[tuple[str, str]] = []
+    visited = {top_real}
+    stack = [str(folder)]
+    while stack:
+        dirpath = stack.pop()
+        for e in _scandir(dirpath):
+            if _is_hidden(e.name):
                 continue
-            full = os.path.join(dirpath, name)
+            full = os.path.join(dirpath, e.name)
             rel = Path(os.path.relpath(full, root)).as_posix()
-            (found if os.path.isfile(full) else broken).append(rel)
-    found.sort()
-    return found, broken
+            if _is_dir(e):
+                real = os.path.realpath(full)
+                if _within(top_real, real) or _within(root_real, real):
+                    raise _error(f"symlink loop: {rel} in {root} points to {real}, a folder that contains it",
+                                 "remove the link (a class folder must not link to itself or to a folder above it)")
+                if real in visited:
+                    raise _error(f"folder {real} is reached twice inside class folder {folder} (again through {rel})",
+                                 "remove the link that leads to it a second time")
+                problem = _text_problem(e.name)
+                if problem:
+                    raise _error(f"folder name {_display(full)} {problem}",
+                                 "rename it (cachekit stores paths as UTF-8 text)")
+                visited.add(real)
+                stack.append(full)
+                continue
+            if not _is_image_name(e.name):
+                continue
+            problem = _text_problem(e.name)
+            if problem:
+                raise _error(f"file name {_display(full)} {problem}", "rename it (cachekit stores paths as UTF-8 text)")
+            problem, st = _file_problem(full)
+            if problem:
+                bad.append((rel, problem))
+            else:
+                found.append((rel, st))
+    found.sort(key=lambda x: x[0])
+    return found, bad
 
 
 def _load_imagefolder(root: Path, classnames_file, val_fraction, test_fraction, split_seed) -> DatasetSpec:
@@ -605,6 +995,11 @@ def _load_imagefolder(root: Path, classnames_file, val_fraction, test_fraction, 
             raise _error(f"{root} has {', '.join(split_dirs[s] + '/' for s in SPLITS if s in split_dirs)} "
                          f"but no train/ folder", "add train/ with one folder per class")
         trees = {s: root / split_dirs[s] for s in SPLITS if s in split_dirs}
+        root_real = os.path.realpath(root)
+        for s, tree in trees.items():
+            if _within(root_real, os.path.realpath(tree)):
+                raise _error(f"symlink loop: split folder {tree} points to {os.path.realpath(tree)}, which holds "
+                             "the whole dataset", "replace the link by a folder of that split's class folders")
     else:
         trees = {"train": root}
 
@@ -631,21 +1026,22 @@ def _load_imagefolder(root: Path, classnames_file, val_fraction, test_fraction, 
     assert folders is not None
 
     given: dict[str, list[Item]] = {}
+    stats: dict[str, os.stat_result] = {}
     for split, tree in trees.items():
         items: list[Item] = []
-        broken_all: list[str] = []
+        bad_all: list[tuple[str, str]] = []
         for label, cls in enumerate(folders):
-            paths, broken = _scan_class_folder(tree / cls, root)
-            broken_all.extend(broken)
-            if not paths and not broken:
+            found, bad = _scan_class_folder(tree / cls, root)
+            bad_all.extend(bad)
+            if not found and not bad:
                 raise _error(
                     f"empty class folder {tree / cls} (no {'/'.join(sorted(IMAGE_EXTENSIONS))} images)",
                     "add images to it or remove the folder",
                 )
-            items.extend(Item(p, label) for p in paths)
-        if broken_all:
-            raise _error(f"{len(broken_all)} image file(s) missing under {root} (broken links): "
-                         f"{_first_few(broken_all)}", "fix or remove the broken links")
+            items.extend(Item(p, label) for p, _ in found)
+            stats.update(found)
+        if bad_all:
+            raise _files_error(root, bad_all, listed=False)
         given[split] = items
 
     classnames = [cls.replace("_", " ") for cls in folders]
@@ -658,7 +1054,7 @@ def _load_imagefolder(root: Path, classnames_file, val_fraction, test_fraction, 
     return _finalize(root=root, classnames=classnames, class_keys=folders, given=given,
                      source_format="imagefolder", source=str(root), val_fraction=val_fraction,
                      test_fraction=test_fraction, split_seed=split_seed, classnames_file=classnames_file,
-                     check_files=False)
+                     stats=stats)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -670,10 +1066,39 @@ def _is_int(v) -> bool:
 
 def _image_root_dir(image_root, source: Path) -> Path:
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(image_root))))
-    if not root.is_dir():
+    if _text_problem(str(root)):
+        raise _error(f"image root {_display(root)} {_text_problem(str(root))}",
+                     "rename the folder (cachekit stores paths as UTF-8 text)")
+    try:
+        is_dir = root.is_dir()
+    except OSError:
+        is_dir = False
+    if not is_dir:
         raise _error(f"image root {root} (for {source}) is not a directory",
                      "pass --image-root pointing at the folder the listed paths are relative to")
     return root
+
+
+def _parse_json(text: str):
+    """json.loads with every failure as a _JsonProblem (syntax, nesting too deep, a number too long)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _JsonProblem(exc.msg, exc.lineno, exc.colno) from None
+    except RecursionError:
+        raise _JsonProblem("nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise _JsonProblem(str(exc).splitlines()[0] if str(exc) else "invalid value") from None
+
+
+class _JsonProblem(Exception):
+    def __init__(self, msg: str, lineno: int | None = None, colno: int | None = None):
+        super().__init__(msg)
+        self.msg, self.lineno, self.colno = msg, lineno, colno
+
+    @property
+    def where(self) -> str:
+        return f"at line {self.lineno} column {self.colno}: {self.msg}" if self.lineno else f"({self.msg})"
 
 
 def _load_coop(path: Path, image_root, classnames_file, val_fraction, test_fraction, split_seed) -> DatasetSpec:
@@ -681,13 +1106,12 @@ def _load_coop(path: Path, image_root, classnames_file, val_fraction, test_fract
         raise _error(f"split file {path} needs an image folder",
                      "pass --image-root with the folder its paths are relative to (e.g. .../oxford_pets/images)")
     root = _image_root_dir(image_root, path)
+    text = read_text_file(path, "split file", "pass a readable UTF-8 JSON split file")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise _error(f"malformed JSON in {path} at line {exc.lineno} column {exc.colno}: {exc.msg}",
+        obj = _parse_json(text)
+    except _JsonProblem as exc:
+        raise _error(f"malformed JSON in {path} {exc.where}",
                      "fix the file (a CoOp split file is {\"train\": [[path, label, classname], ...], ...})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _error(f"cannot read {path} ({type(exc).__name__})", "pass a readable UTF-8 JSON split file") from None
     if not isinstance(obj, dict) or not any(s in obj for s in SPLITS):
         raise _error(f"{path} is not a CoOp split file (expected a JSON object with keys train, val, test)",
                      "pass a split_zhou_*.json file, a class-folder tree, or a .csv/.jsonl manifest")
@@ -706,7 +1130,7 @@ def _load_coop(path: Path, image_root, classnames_file, val_fraction, test_fract
             where = f"{path} {split}[{i}]"
             if (not isinstance(entry, (list, tuple)) or len(entry) != 3 or not isinstance(entry[0], str)
                     or not _is_int(entry[1]) or not isinstance(entry[2], str)):
-                raise _error(f"malformed entry {where}: {json.dumps(entry)[:80]}",
+                raise _error(f"malformed entry {where}: {_display(json.dumps(entry)[:80])}",
                              "make every entry [relative_path, int_label, classname]")
             rel, label, name = entry
             if label < 0:
@@ -717,6 +1141,8 @@ def _load_coop(path: Path, image_root, classnames_file, val_fraction, test_fract
                              "list each image once per split")
             seen_paths[rel] = i
             name = name.strip()
+            if _text_problem(name):
+                raise _error(f"class name {_display(name)!r} at {where} {_text_problem(name)}", "fix the class name")
             if names_by_label.setdefault(label, name) != name:
                 raise _error(f"conflicting class names for label {label} in {path}: "
                              f"{names_by_label[label]!r} and {name!r} (at {where})",
@@ -724,75 +1150,79 @@ def _load_coop(path: Path, image_root, classnames_file, val_fraction, test_fract
             items.append(Item(rel, label))
         given[split] = items
 
-    num_classes = max(names_by_label) + 1 if names_by_label else 0
-    classnames = [names_by_label.get(i, f"class_{i}") for i in range(num_classes)]
+    if not names_by_label:
+        raise _error(f"no images at all in {path}", "add entries [path, label, classname] to train, val and test")
+    max_label = max(names_by_label)
+    num_classes = max_label + 1
+    names_from_file = None
     if classnames_file is not None:
-        names = read_classnames(classnames_file)
-        if len(names) < num_classes:
-            raise _error(f"label {num_classes - 1} in {path} is out of range for the {len(names)} names in "
+        names_from_file = read_classnames(classnames_file)
+        if len(names_from_file) < num_classes:
+            raise _error(f"label {max_label} in {path} is out of range for the {len(names_from_file)} names in "
                          f"{classnames_file}", "give one class name per label in the classnames file")
-        # the file defines the class count; trailing classes simply have no entries
-        classnames += [f"class_{i}" for i in range(num_classes, len(names))]
-        num_classes = len(names)
+        num_classes = len(names_from_file)  # the file defines the class count
+    _check_train_classes((it.label for it in given.get("train") or []), num_classes, names_by_label.get,
+                         f"split file {path}", "" if names_from_file else f" (labels go up to {max_label})")
+    classnames = [names_by_label.get(i, f"class_{i}") for i in range(num_classes)]
     return _finalize(root=root, classnames=classnames, class_keys=[str(i) for i in range(num_classes)],
                      given=given, source_format="coop", source=str(path), val_fraction=val_fraction,
-                     test_fraction=test_fraction, split_seed=split_seed, classnames_file=classnames_file,
-                     check_files=True)
+                     test_fraction=test_fraction, split_seed=split_seed, classnames_file=classnames_file)
 
 
 # --------------------------------------------------------------------------------------------- #
 # manifests (.csv / .jsonl)
 # --------------------------------------------------------------------------------------------- #
 _INT_TEXT = re.compile(r"^[+-]?\d+$")
+#: An integer label with more digits than this is out of any range (int64 has 19).
+_MAX_LABEL_DIGITS = 18
 
 
 def _read_csv_rows(path: Path) -> list[tuple[int, object, object, object]]:
+    text = read_text_file(path, "manifest", "pass a readable UTF-8 CSV file with a header row path,label,split")
     rows = []
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh, strict=True)
-            try:
-                header = next(reader)
-            except StopIteration:
-                raise _error(f"manifest {path} is empty", "write a header row path,label,split and one row per image") from None
-            cols = [h.strip().lower() for h in header]
-            index = {}
-            for col in ("path", "label", "split"):
-                if col not in cols:
-                    raise _error(f"manifest {path} line 1: header has no '{col}' column (found: {', '.join(cols)})",
-                                 "start the file with a header row containing path,label,split")
-                index[col] = cols.index(col)
-            need = max(index.values()) + 1
-            for row in reader:
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) < need:
-                    raise _error(f"malformed CSV in {path} line {reader.line_num}: {len(row)} field(s), "
-                                 f"expected at least {need}", "give every row path,label,split")
-                rows.append((reader.line_num, row[index["path"]], row[index["label"]].strip(), row[index["split"]]))
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise _error(f"manifest {path} is empty", "write a header row path,label,split and one row per image") from None
+        cols = [h.strip().lower() for h in header]
+        index = {}
+        for col in ("path", "label", "split"):
+            if col not in cols:
+                raise _error(f"manifest {path} line 1: header has no '{col}' column (found: {', '.join(cols)[:200]})",
+                             "start the file with a header row containing path,label,split")
+            index[col] = cols.index(col)
+        need = max(index.values()) + 1
+        for row in reader:
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) < need:
+                raise _error(f"malformed CSV in {path} line {reader.line_num}: {len(row)} field(s), "
+                             f"expected at least {need}", "give every row path,label,split")
+            rows.append((reader.line_num, row[index["path"]], row[index["label"]].strip(), row[index["split"]]))
     except csv.Error as exc:
         raise _error(f"malformed CSV in {path} line {reader.line_num}: {exc}", "fix the quoting on that line") from None
-    except UnicodeDecodeError:
-        raise _error(f"manifest {path} is not UTF-8 text", "save it as UTF-8") from None
     # labels: all integers -> int labels; otherwise class names
     if rows and all(_INT_TEXT.match(r[2]) for r in rows):
+        for ln, _, lab, _ in rows:
+            if len(lab.lstrip("+-")) > _MAX_LABEL_DIGITS:
+                raise _error(f"label {lab[:24]}{'...' if len(lab) > 24 else ''} out of range in {path} line {ln}",
+                             "use 0-based class numbers 0..C-1")
         rows = [(ln, p, int(lab), s) for ln, p, lab, s in rows]
     return rows
 
 
 def _read_jsonl_rows(path: Path) -> list[tuple[int, object, object, object]]:
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError:
-        raise _error(f"manifest {path} is not UTF-8 text", "save it as UTF-8") from None
+    lines = read_text_file(path, "manifest", "pass a readable UTF-8 JSONL file").split("\n")
     kind = None
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
+            obj = _parse_json(line)
+        except _JsonProblem as exc:
             raise _error(f"malformed JSON in {path} line {n}: {exc.msg}",
                          "write one JSON object per line, e.g. {\"path\": \"a/1.jpg\", \"label\": \"cat\", \"split\": \"train\"}") from None
         if not isinstance(obj, dict) or not all(k in obj for k in ("path", "label", "split")):
@@ -801,12 +1231,12 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, object, object, object]]:
         label = obj["label"]
         this = "int" if _is_int(label) else "str" if isinstance(label, str) else None
         if this is None:
-            raise _error(f"invalid label {json.dumps(label)} in {path} line {n}",
+            raise _error(f"invalid label {_display(json.dumps(label)[:40])} in {path} line {n}",
                          "use a class name (string) or a 0-based integer label")
         if kind is None:
             kind = this
         elif kind != this:
-            raise _error(f"label {json.dumps(label)} in {path} line {n} is a{'n integer' if this == 'int' else ' string'} "
+            raise _error(f"label {_display(json.dumps(label)[:40])} in {path} line {n} is a{'n integer' if this == 'int' else ' string'} "
                          f"but earlier labels are {'integers' if kind == 'int' else 'strings'}",
                          "use either class names or integer labels throughout")
         rows.append((n, obj["path"], label.strip() if isinstance(label, str) else label, obj["split"]))
@@ -816,13 +1246,21 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, object, object, object]]:
 def _load_manifest(path: Path, image_root, classnames_file, val_fraction, test_fraction, split_seed) -> DatasetSpec:
     suffix = path.suffix.lower()
     fmt = "CSV" if suffix == ".csv" else "JSONL"
-    rows = _read_csv_rows(path) if suffix == ".csv" else _read_jsonl_rows(path)
     root = _image_root_dir(image_root, path) if image_root is not None else path.parent.absolute()
+    rows = _read_csv_rows(path) if suffix == ".csv" else _read_jsonl_rows(path)
     if not rows:
         raise _error(f"no images at all in manifest {path} (no rows)", "add one row per image: path,label,split")
+    source = f"{fmt} manifest {path}"
 
     int_labels = _is_int(rows[0][2])
     names_from_file = read_classnames(classnames_file) if classnames_file is not None else None
+    splits_of = []
+    for line, _, _, raw_split in rows:
+        split = raw_split.strip().lower() if isinstance(raw_split, str) else None
+        if split not in SPLITS:
+            raise _error(f"unknown split {_display(json.dumps(raw_split)[:40])} in {path} line {line}",
+                         "use train, val or test")
+        splits_of.append(split)
     if int_labels:
         limit = len(names_from_file) if names_from_file is not None else None
         for line, _, label, _ in rows:
@@ -830,18 +1268,20 @@ def _load_manifest(path: Path, image_root, classnames_file, val_fraction, test_f
                 rng_text = f"0..{limit - 1} ({limit} names in {classnames_file})" if limit else "0 or more"
                 raise _error(f"label {label} out of range in {path} line {line}, expected {rng_text}",
                              "fix the label or the classnames file")
-        num_classes = max(r[2] for r in rows) + 1
+        max_label = max(r[2] for r in rows)
+        num_classes = limit if limit is not None else max_label + 1
+        _check_train_classes((r[2] for r, s in zip(rows, splits_of) if s == "train"), num_classes, None, source,
+                             "" if limit else f" (labels go up to {max_label})")
         classnames = [f"class_{i}" for i in range(num_classes)]
         class_keys = [str(i) for i in range(num_classes)]
-        label_of = {i: i for i in range(num_classes)}
-        if names_from_file is not None and len(names_from_file) > num_classes:
-            # the file defines the class count; trailing classes simply have no rows
-            classnames = [f"class_{i}" for i in range(len(names_from_file))]
-            class_keys = [str(i) for i in range(len(names_from_file))]
+        label_of = None
     else:
         for line, _, label, _ in rows:
             if not label:
                 raise _error(f"empty label in {path} line {line}", "give every row a class name or integer label")
+            if _text_problem(label):
+                raise _error(f"label {_display(label)!r} in {path} line {line} {_text_problem(label)}",
+                             "fix the class name")
         class_keys = sorted({r[2] for r in rows})
         if names_from_file is not None and set(class_keys) <= set(names_from_file):
             # The file lists the manifest's own class names: it sets the label order and never
@@ -853,23 +1293,20 @@ def _load_manifest(path: Path, image_root, classnames_file, val_fraction, test_f
 
     given: dict[str, list[Item]] = {s: [] for s in SPLITS}
     seen: dict[tuple[str, str], int] = {}
-    for line, raw_path, label, raw_split in rows:
+    for (line, raw_path, label, _), split in zip(rows, splits_of):
         where = f"{path} line {line}"
-        split = raw_split.strip().lower() if isinstance(raw_split, str) else None
-        if split not in SPLITS:
-            raise _error(f"unknown split {json.dumps(raw_split)} in {where}", "use train, val or test")
         if not isinstance(raw_path, str):
-            raise _error(f"path {json.dumps(raw_path)} in {where} is not a string", "give a relative path")
+            raise _error(f"path {_display(json.dumps(raw_path)[:60])} in {where} is not a string",
+                         "give a relative path")
         rel = _relpath_in_root(raw_path, root, where)
         if (split, rel) in seen:
             raise _error(f"duplicate {split} entry {rel} in {path} lines {seen[(split, rel)]} and {line}",
                          "list each image once per split")
         seen[(split, rel)] = line
-        given[split].append(Item(rel, label_of[label]))
+        given[split].append(Item(rel, label if label_of is None else label_of[label]))
     return _finalize(root=root, classnames=classnames, class_keys=class_keys, given=given,
-                     source_format="manifest", source=f"{fmt} manifest {path}", val_fraction=val_fraction,
-                     test_fraction=test_fraction, split_seed=split_seed,
-                     classnames_file=classnames_file, check_files=True)
+                     source_format="manifest", source=source, val_fraction=val_fraction,
+                     test_fraction=test_fraction, split_seed=split_seed, classnames_file=classnames_file)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -883,21 +1320,36 @@ def load_dataset(data, image_root=None, classnames_file=None, val_fraction=0.2, 
     for manifests - default the manifest's folder, not allowed for ImageFolder trees).
     ``classnames_file``: one name per line overriding the class names (in label order).
     ``val_fraction``/``test_fraction``/``split_seed``: used only when a split must be carved from train.
+
+    Every file is checked before anything is returned: the same image (the same file, or the same bytes)
+    in two classes or in train and val/test is an error, and so is an image in part of val and of test
+    (val and test listing exactly the same images is taken as asked for: test is then val, `val_is_test`).
     """
     if data is None or (isinstance(data, str) and not data.strip()):
         raise _error("no dataset given", "pass DATA: a class-folder tree, a split .json, or a .csv/.jsonl manifest")
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(data))))
-    if not path.exists():
+    if _text_problem(str(path)):
+        raise _error(f"dataset path {_display(path)} {_text_problem(str(path))}",
+                     "rename it (cachekit stores paths as UTF-8 text)")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
         raise _error(f"dataset path {path} does not exist",
-                     "pass an existing class-folder tree, split .json, or .csv/.jsonl manifest")
+                     "pass an existing class-folder tree, split .json, or .csv/.jsonl manifest") from None
+    except PermissionError:
+        raise _permission_error(path, "dataset path") from None
+    except OSError as exc:
+        raise _error(f"cannot read dataset path {path} ({exc.strerror or type(exc).__name__})",
+                     "pass an existing class-folder tree, split .json, or .csv/.jsonl manifest") from None
     if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)):
         raise _error(f"invalid split seed {split_seed!r}", "pass an integer seed")
     split_seed = int(split_seed)
     _check_fractions(val_fraction, test_fraction)
     args = (classnames_file, val_fraction, test_fraction, split_seed)
 
-    if path.is_dir():
-        split_files = sorted(p for p in path.glob("split_zhou_*.json") if p.is_file())
+    if stat.S_ISDIR(st.st_mode):
+        split_files = sorted(p for p in _scandir_paths(path) if p.name.startswith("split_zhou_")
+                             and p.name.endswith(".json") and p.is_file())
         if len(split_files) > 1:
             raise _error(f"{path} holds several split files ({', '.join(p.name for p in split_files)})",
                          "pass the one you want as DATA, with --image-root")
@@ -908,9 +1360,16 @@ def load_dataset(data, image_root=None, classnames_file=None, val_fraction=0.2, 
                          "drop --image-root (it is only for a split .json or a manifest)")
         return _load_imagefolder(path, *args)
     suffix = path.suffix.lower()
+    if suffix not in (".json", ".csv", ".jsonl"):
+        raise _error(f"unknown dataset format for {path} (suffix {suffix or 'none'!r})",
+                     "pass a class-folder tree, a CoOp split .json, or a .csv/.jsonl manifest")
+    if not stat.S_ISREG(st.st_mode):
+        raise _error(f"dataset path {path} is {_file_kind(st.st_mode)}, not a regular file",
+                     "pass a class-folder tree, a split .json, or a .csv/.jsonl manifest")
     if suffix == ".json":
         return _load_coop(path, image_root, *args)
-    if suffix in (".csv", ".jsonl"):
-        return _load_manifest(path, image_root, *args)
-    raise _error(f"unknown dataset format for {path} (suffix {suffix or 'none'!r})",
-                 "pass a class-folder tree, a CoOp split .json, or a .csv/.jsonl manifest")
+    return _load_manifest(path, image_root, *args)
+
+
+def _scandir_paths(folder: Path) -> list[Path]:
+    return [Path(e.path) for e in _scandir(folder)]

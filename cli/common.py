@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import traceback
 
 import click
 
@@ -12,21 +14,38 @@ from cachekit.errors import CachekitError
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "auto_envvar_prefix": "CACHEKIT"}
 
 
+#: Largest magnitude of an integer option (shots, seeds): they are stored as int64 in caches and results.
+INT_LIMIT = 2**63 - 1
+
+
 def int_list(ctx, param, value):
-    """Parse '1,2,4' (or a repeated option) into a tuple of ints."""
+    """Parse '1,2,4' (or a repeated option) into a tuple of ints; a value naming no number is an error."""
     if value is None:
         return None
     parts = value if isinstance(value, (list, tuple)) else [value]
+    if not parts:
+        return None
     out = []
     for p in parts:
         for tok in str(p).replace(" ", "").split(","):
             if not tok:
                 continue
             try:
-                out.append(int(tok))
+                n = int(tok)
             except ValueError:
-                raise click.BadParameter(f"{tok!r} is not an integer (expected e.g. 1,2,4)") from None
-    return tuple(out) if out else None
+                raise click.BadParameter(f"{_show(tok)} is not an integer (expected e.g. 1,2,4)") from None
+            if abs(n) > INT_LIMIT:
+                raise click.BadParameter(f"{_show(tok)} is out of range (at most {INT_LIMIT} in magnitude)")
+            out.append(n)
+    if not out:
+        raise click.BadParameter(f"{_show(','.join(map(str, parts)))} names no number (expected e.g. 1,2,4)")
+    return tuple(out)
+
+
+def _show(text, n: int = 60) -> str:
+    """A user value, quoted and shortened, safe to print on one line."""
+    r = repr(str(text))
+    return r if len(r) <= n else r[: n - 4] + "...'"
 
 
 def float_list(ctx, param, value):
@@ -38,18 +57,69 @@ def float_list(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
 
 
+DEBUG_ENV = "CACHEKIT_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """`cachekit --debug ...` or CACHEKIT_DEBUG=1: show the traceback of an unexpected error."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off"):
+        return True
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get("cachekit.debug"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def unexpected_error(exc: BaseException) -> click.ClickException:
+    """One line for an exception cachekit did not expect (a bug): `Error: internal error: <type>: <message>;
+    fix: rerun with --debug ...`. With --debug the traceback is printed (stderr) first."""
+    if debug_enabled():
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    if isinstance(exc, MemoryError):
+        return click.ClickException(
+            f"out of memory{': ' + _first_line(exc) if _first_line(exc) else ''}; fix: ask for less (fewer "
+            "images, shots, views or a smaller --batch-size) or use a machine with more memory; rerun with "
+            "--debug for the traceback")
+    what = type(exc).__name__
+    msg = _first_line(exc)
+    return click.ClickException(f"internal error: {what}{': ' + msg if msg else ''}; fix: rerun with --debug "
+                                "for the traceback and report it")
+
+
+def interrupted():
+    click.echo("Interrupted: finished work is kept; rerun the same command to resume.", err=True)
+    sys.exit(130)
+
+
+# click's own ways to end a command (usage errors, --help, exit codes): never rewritten.
+_CLICK_EXITS = (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit)
+
+
+def guarded(call):
+    """Run `call()`: library errors become `Error: ...` (exit 1), Ctrl-C a resume hint (exit 130), and any
+    other exception one `Error: internal error ...` line (exit 1; the traceback with --debug)."""
+    try:
+        return call()
+    except _CLICK_EXITS:
+        raise
+    except CachekitError as exc:
+        raise click.ClickException(str(exc).replace("\n", " ")) from None
+    except KeyboardInterrupt:
+        interrupted()
+    except Exception as exc:  # noqa: BLE001 - the top-level guard: anything unexpected is one line
+        raise unexpected_error(exc) from None
+
+
 def friendly(fn):
-    """Turn library errors into `Error: ...` (exit 1) and Ctrl-C into a resume hint (exit 130)."""
+    """Turn library errors into `Error: ...` (exit 1), Ctrl-C into a resume hint (exit 130) and anything
+    unexpected into one `Error: internal error ...` line (see `guarded`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CachekitError as exc:
-            raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            click.echo("Interrupted: finished work is kept; rerun the same command to resume.", err=True)
-            sys.exit(130)
+        return guarded(lambda: fn(*args, **kwargs))
 
     return wrapper
 

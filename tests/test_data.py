@@ -604,6 +604,11 @@ def test_property_manifest_parses_consistently(image_pool, assign, fmt, order_se
             with pytest.raises(CachekitError, match="no train images"):
                 load_dataset(man, image_root=image_pool)
             return
+        if {r[1] for r in rows} != {r[1] for r in rows if r[2].lower() == "train"}:
+            # a class without train images: refused before anything else (few-shot sets come from train)
+            with pytest.raises(CachekitError, match="have no train images"):
+                load_dataset(man, image_root=image_pool)
+            return
         spec = load_dataset(man, image_root=image_pool)
     used = sorted({r[1] for r in rows})
     assert spec.classnames == used
