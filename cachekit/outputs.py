@@ -44,16 +44,24 @@ def _hdf5_kind(path: Path) -> str | None:
     return "other"
 
 
-def _writable(path: Path, what: str):
+def _writable(path: Path, what: str, shown=None):
+    """`path` could be created (its nearest existing folder is writable); the message names `shown` or path."""
+    shown = path if shown is None else shown
     parent = path.parent
     while not parent.exists():
         if parent == parent.parent:
             break
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise CachekitError(f"cannot write {what} {path}: {parent} is a file, not a folder; fix: choose another path")
+        raise CachekitError(f"cannot write {what} {shown}: {parent} is a file, not a folder; fix: choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise CachekitError(f"cannot write {what} {path}: {parent} is not writable; fix: choose a writable location")
+        why = "not writable"
+        try:
+            if os.statvfs(parent).f_flag & os.ST_RDONLY:
+                why = "on a Read-only file system"
+        except OSError:
+            pass
+        raise CachekitError(f"cannot write {what} {shown}: {parent} is {why}; fix: choose a writable location")
 
 
 def check_output(out, kind: str, inputs=(), option: str = "--out") -> Path:

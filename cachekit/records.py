@@ -152,7 +152,9 @@ class ResultsFile:
         try:
             self._repair()
             with os_errors(str(self.path)):
-                self._fh = open(self.path, "a", encoding="utf-8")
+                # Unbuffered: a failed write (disk full) leaves at most a torn line, cut on the next open, and
+                # nothing buffered that close() would try (and fail) to write again.
+                self._fh = open(self.path, "ab", buffering=0)
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
@@ -179,9 +181,10 @@ class ResultsFile:
         d = record.to_dict() if isinstance(record, Record) else record
         if d["key"] in self.keys:
             return False
+        data = memoryview((json.dumps(d) + "\n").encode("utf-8"))
         with os_errors(str(self.path)):
-            self._fh.write(json.dumps(d) + "\n")
-            self._fh.flush()
+            while data:
+                data = data[self._fh.write(data):]
             os.fsync(self._fh.fileno())
         self.keys.add(d["key"])
         return True

@@ -42,6 +42,12 @@ class ResultStore:
         self.build = hashlib.sha256((cache.meta["created"] + json.dumps(cache.meta["identity"],
                                                                         sort_keys=True)).encode()).hexdigest()[:16]
 
+    def check_writable(self) -> None:
+        """A one-line error now when results cannot be stored beside the cache (before long work)."""
+        from .outputs import _writable
+
+        _writable(self.dir / "probe", "results beside the cache in", shown=self.dir)
+
     def key(self, kind: str, params: dict) -> str:
         return f"{kind}-{hashlib.sha256(canonical(params).encode()).hexdigest()[:16]}"
 

@@ -242,6 +242,7 @@ def refine_stored(cache: Cache, top_k: int, weights=(0.5, 0.5), text_only: bool 
         raise CachekitError(f"--top-k {top_k} must be at least 1; fix: pass 1..{D}")
     q, notes = refine.clip_top_k(top_k, D, "refine --top-k")
     store = ResultStore(cache)
+    store.check_writable()
     variant = "text-only" if text_only else "text+cache"
     out = []
     for k, seed in _sets(cache, shots, seeds):

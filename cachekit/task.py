@@ -62,6 +62,9 @@ class Task:
     def load_fit(self, kind: str, key: dict):
         return None
 
+    def check_fit_writable(self) -> None:
+        """Raise now (before training) when a fit could not be stored afterwards."""
+
     def save_fit(self, kind: str, key: dict, arrays: dict, info: dict):
         return None
 
@@ -185,6 +188,14 @@ class CacheTask(Task):
         if self.store is None or not self.reuse_fits or self.fit_out is not None:
             return None
         return self.store.get(kind, key)
+
+    def check_fit_writable(self) -> None:
+        if self.fit_out is not None:
+            from .outputs import check_output
+
+            check_output(self.fit_out, "fit")
+        elif self.store is not None:
+            self.store.check_writable()
 
     def save_fit(self, kind: str, key: dict, arrays: dict, info: dict):
         if self.store is None:

@@ -396,6 +396,7 @@ class SafeEstimator(Estimator):
                            if n.startswith("params/")}
             self.log, self.trained, self.stored = stored["attrs"]["info"]["log"], False, None
             return self
+        task.check_fit_writable()
         src, labels = task.train_dense()
         bar = Counter(task.progress, f"SAFE K={task.k} seed={task.seed}", cfg.epochs, "epoch")
 
