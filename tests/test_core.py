@@ -78,6 +78,14 @@ def test_one_checker_refuses_bad_values_with_one_line(method, param, bad):
     assert "\n" not in msg and "fix:" in msg
 
 
+def test_grids_too_large_to_search_are_refused_before_any_allocation(cache_copy):
+    res = run("eval", cache_copy, "--method", "tip", "--set", "tip.n=[100000000,100000000]")
+    one_line_error(res, "10,000,000,000,000,000 grid points", "limit is 10,000,000", "--set tip.n=[200,20]")
+    grid = cache_copy.parent / "g.yaml"
+    grid.write_text("methods:\n  ape: {n: [[200, 20, 20], [2000, 100, 100]]}\n")
+    one_line_error(run("sweep", cache_copy, "--grid", grid), "ape.n=[2000, 100, 100]", "limit")
+
+
 def test_derived_warmup_is_computed_once_and_keys_agree():
     from cachekit.methods.registry import get_method
 

@@ -17,7 +17,7 @@ from ..errors import CachekitError
 from . import zeroshot
 from ..params import Config, param
 from .base import Estimator, Selection, accuracy, first_best
-from .grids import alpha_grid, beta_grid, gamma_grid
+from .grids import alpha_grid, beta_grid, check_grid_size, gamma_grid
 from .refine import channels_for, refine, resolve_channels
 from .registry import register
 from .search import LinearArgmaxCounter, row_chunk
@@ -239,6 +239,13 @@ class APEConfig(Config):
                      search=True)
     n: tuple = param((200, 20, 20), "ints", "search steps (n_beta, n_alpha, n_gamma)", length=3, ge=1,
                      search=True)
+
+    def check(self):
+        super().check()
+        check_grid_size(self.OWNER, self.n)
+        return self
+
+    validate = check
 
 
 class APE(Estimator):

@@ -24,6 +24,7 @@ import torch
 from ..errors import CachekitError
 from . import ape, refine, tip
 from ..params import param
+from .grids import check_grid_size
 from .base import Estimator, Selection
 from .registry import register
 from .tipf import AdapterConfig
@@ -50,6 +51,13 @@ class APETConfig(AdapterConfig):
     s: tuple = param((7, 7), "floats", "search scales (s_beta, s_alpha) after training", length=2, gt=0,
                      search=True)
     n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True)
+
+    def check(self):
+        super().check()
+        check_grid_size(self.OWNER, self.n)
+        return self
+
+    validate = check
 
 
 def default_channels(W: torch.Tensor, q: int, weights: tuple = DEFAULT_WEIGHTS) -> torch.Tensor:

@@ -46,3 +46,19 @@ def gamma_grid(s_gamma: float = 1, n_gamma: int = 20) -> list[float]:
 def gda_alpha_grid() -> list[float]:
     """GDA weight: the 7 values 10**e, e = -4..2, i.e. 1e-4, 1e-3, ..., 1e2."""
     return [10.0 ** e for e in range(-4, 3)]
+
+
+#: Most grid points one search may visit: 125x the APE reference grid (200 x 20 x 20 = 80,000). Far beyond
+#: what the authors search, and still bounded: the counts alone are n_beta x n_alpha (x n_gamma) integers.
+MAX_GRID_POINTS = 10_000_000
+
+
+def check_grid_size(owner: str, n) -> None:
+    """Refuse, before anything is allocated, a search grid with more than MAX_GRID_POINTS points."""
+    points = 1
+    for x in n:
+        points *= int(x)
+    if points > MAX_GRID_POINTS:
+        raise CachekitError(f"{owner}.n={list(n)} asks for {points:,} grid points; the limit is "
+                            f"{MAX_GRID_POINTS:,} (the reference grid has {200 * 20 * (20 if len(n) == 3 else 1):,}); "
+                            f"fix: use fewer steps, e.g. --set {owner}.n=[{','.join(map(str, [200, 20, 20][:len(n)]))}]")

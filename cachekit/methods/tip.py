@@ -11,7 +11,7 @@ import torch
 from . import zeroshot
 from ..params import Config, param
 from .base import Estimator, Selection, accuracy, first_best
-from .grids import alpha_grid, beta_grid
+from .grids import alpha_grid, beta_grid, check_grid_size
 from .search import LinearArgmaxCounter, row_chunk
 from .registry import register
 
@@ -111,6 +111,13 @@ class TipConfig(Config):
     s: tuple = param((7, 7), "floats", "search scales (s_beta, s_alpha): beta_i = 0.1 + i(s_beta - 0.1)/n_beta",
                      length=2, gt=0, search=True)
     n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True)
+
+    def check(self):
+        super().check()
+        check_grid_size(self.OWNER, self.n)
+        return self
+
+    validate = check
 
 
 class TipAdapter(Estimator):
