@@ -93,7 +93,6 @@ def draw_attention(cache, rows, frozen, tuned, out: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = cache.classnames
     labels = cache.labels("val")

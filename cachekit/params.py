@@ -45,6 +45,7 @@ class Param:
     length: int | None = None
     optional: bool = False  # None allowed (it means what `help` says)
     search: bool = False  # a search grid setting (not a training setting)
+    max_points: int | None = None  # ints: the most their product may be (a search grid's point count)
 
     def describe_range(self) -> str:
         parts = []
@@ -58,6 +59,8 @@ class Param:
             parts.append(f"<= {self.le:g}")
         if self.length is not None:
             parts.append(f"{self.length} values")
+        if self.max_points is not None:
+            parts.append(f"product <= {self.max_points:,}")
         if self.optional:
             parts.append("or null")
         return ", ".join(parts)
@@ -129,6 +132,11 @@ def check_value(owner: str, p: Param, value):
         value = tuple(int(x) for x in value)
         for x in value:
             _range(p, x, bad)
+        points = math.prod(value)
+        if p.max_points is not None and points > p.max_points:
+            raise CachekitError(f"{owner}.{p.name}={list(value)} asks for {points:,} grid points; the limit is "
+                                f"{p.max_points:,} (the default grid has {math.prod(p.default):,}); fix: use fewer "
+                                f"steps, e.g. --set {owner}.{p.name}=[{','.join(map(str, p.default))}]")
         return value
     elif t == "strs":
         if isinstance(value, str):

@@ -17,7 +17,7 @@ from ..errors import CachekitError
 from . import zeroshot
 from ..params import Config, param
 from .base import Estimator, Selection, accuracy, first_best
-from .grids import alpha_grid, beta_grid, check_grid_size, gamma_grid
+from .grids import MAX_GRID_POINTS, alpha_grid, beta_grid, gamma_grid
 from .refine import channels_for, refine, resolve_channels
 from .registry import register
 from .search import LinearArgmaxCounter, row_chunk
@@ -238,15 +238,7 @@ class APEConfig(Config):
     s: tuple = param((7, 7, 1), "floats", "search scales (s_beta, s_alpha, s_gamma)", length=3, ge=0,
                      search=True)
     n: tuple = param((200, 20, 20), "ints", "search steps (n_beta, n_alpha, n_gamma)", length=3, ge=1,
-                     search=True)
-
-    def check(self):
-        super().check()
-        check_grid_size(self.OWNER, self.n)
-        return self
-
-    validate = check
-
+                     search=True, max_points=MAX_GRID_POINTS)
 
 class APE(Estimator):
     @classmethod

@@ -24,7 +24,7 @@ import torch
 from ..errors import CachekitError
 from . import ape, refine, tip
 from ..params import param
-from .grids import check_grid_size
+from .grids import MAX_GRID_POINTS
 from .base import Estimator, Selection
 from .registry import register
 from .tipf import AdapterConfig
@@ -50,15 +50,8 @@ class APETConfig(AdapterConfig):
                           choices=ape.CHANNEL_SOURCES)
     s: tuple = param((7, 7), "floats", "search scales (s_beta, s_alpha) after training", length=2, gt=0,
                      search=True)
-    n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True)
-
-    def check(self):
-        super().check()
-        check_grid_size(self.OWNER, self.n)
-        return self
-
-    validate = check
-
+    n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True,
+                     max_points=MAX_GRID_POINTS)
 
 def default_channels(W: torch.Tensor, q: int, weights: tuple = DEFAULT_WEIGHTS) -> torch.Tensor:
     """APE-T's channels: the top-q of refine's text-only criterion J = -w0 sim + w1 var, (w0, w1) = weights."""

@@ -48,17 +48,8 @@ def gda_alpha_grid() -> list[float]:
     return [10.0 ** e for e in range(-4, 3)]
 
 
-#: Most grid points one search may visit: 125x the APE reference grid (200 x 20 x 20 = 80,000). Far beyond
-#: what the authors search, and still bounded: the counts alone are n_beta x n_alpha (x n_gamma) integers.
+
+#: Most grid points one search may visit (the `n` settings' max_points): 125x the APE reference grid
+#: (200 x 20 x 20 = 80,000), far beyond what the authors search and still bounded: the counts alone are
+#: n_beta x n_alpha (x n_gamma) integers, refused before anything is allocated.
 MAX_GRID_POINTS = 10_000_000
-
-
-def check_grid_size(owner: str, n) -> None:
-    """Refuse, before anything is allocated, a search grid with more than MAX_GRID_POINTS points."""
-    points = 1
-    for x in n:
-        points *= int(x)
-    if points > MAX_GRID_POINTS:
-        raise CachekitError(f"{owner}.n={list(n)} asks for {points:,} grid points; the limit is "
-                            f"{MAX_GRID_POINTS:,} (the reference grid has {200 * 20 * (20 if len(n) == 3 else 1):,}); "
-                            f"fix: use fewer steps, e.g. --set {owner}.n=[{','.join(map(str, [200, 20, 20][:len(n)]))}]")

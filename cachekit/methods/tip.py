@@ -11,7 +11,7 @@ import torch
 from . import zeroshot
 from ..params import Config, param
 from .base import Estimator, Selection, accuracy, first_best
-from .grids import alpha_grid, beta_grid, check_grid_size
+from .grids import MAX_GRID_POINTS, alpha_grid, beta_grid
 from .search import LinearArgmaxCounter, row_chunk
 from .registry import register
 
@@ -110,15 +110,8 @@ class TipConfig(Config):
     OWNER = "tip"
     s: tuple = param((7, 7), "floats", "search scales (s_beta, s_alpha): beta_i = 0.1 + i(s_beta - 0.1)/n_beta",
                      length=2, gt=0, search=True)
-    n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True)
-
-    def check(self):
-        super().check()
-        check_grid_size(self.OWNER, self.n)
-        return self
-
-    validate = check
-
+    n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True,
+                     max_points=MAX_GRID_POINTS)
 
 class TipAdapter(Estimator):
     def select(self, task) -> Selection:

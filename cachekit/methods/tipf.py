@@ -22,7 +22,7 @@ import torch
 from ..errors import CachekitError
 from ..params import Config, param
 from . import tip, zeroshot
-from .grids import check_grid_size
+from .grids import MAX_GRID_POINTS
 from .base import Estimator, Selection
 from .registry import register
 from .training import check_inputs, train_loop
@@ -58,15 +58,8 @@ class TipFConfig(AdapterConfig):
     OWNER = "tipf"
     s: tuple = param((7, 7), "floats", "search scales (s_beta, s_alpha) after training", length=2, gt=0,
                      search=True)
-    n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True)
-
-    def check(self):
-        super().check()
-        check_grid_size(self.OWNER, self.n)
-        return self
-
-    validate = check
-
+    n: tuple = param((200, 20), "ints", "search steps (n_beta, n_alpha)", length=2, ge=1, search=True,
+                     max_points=MAX_GRID_POINTS)
 
 @dataclass
 class TipFFit:
