@@ -11,6 +11,8 @@ reports every problem itself).
 """
 from __future__ import annotations
 
+import os
+import stat
 from functools import cached_property
 from pathlib import Path
 
@@ -38,10 +40,23 @@ def _open_h5(path: Path, check: bool = True) -> h5py.File:
     """Open read-only with a clear one-line error for every way a path can fail to be a cache.
     `check`: also compare the file with the schema (see the module doc); else open anything that looks
     like a cache, for `verify` to report on."""
-    if not path.exists():
-        raise CachekitError(f"cache {path} does not exist; fix: build it with `cachekit extract`")
-    if path.is_dir():
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CachekitError(f"cache {path} does not exist; fix: build it with `cachekit extract`") from None
+    except PermissionError:
+        raise CachekitError(f"cannot read cache {path}: permission denied; fix: make it readable (e.g. chmod a+r, "
+                            "and a+x on its folders) or give another path") from None
+    except (OSError, ValueError) as exc:
+        raise CachekitError(f"cannot read cache {path} ({getattr(exc, 'strerror', None) or exc}); "
+                            "fix: give the path of a cache file") from None
+    if stat.S_ISDIR(st.st_mode):
         raise CachekitError(f"cache {path} is a directory; fix: give the .h5 file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device: reading it could block forever
+        raise CachekitError(f"cache {path} is not a regular file (a FIFO, socket or device); fix: give the .h5 file")
+    if not os.access(path, os.R_OK):
+        raise CachekitError(f"cannot read cache {path}: permission denied; fix: make it readable (e.g. chmod a+r) "
+                            "or give another path")
     if not h5py.is_hdf5(str(path)):
         raise CachekitError(f"{path} is not an HDF5 file (truncated or another format); "
                             "fix: rebuild it with `cachekit extract` or give the right path")
@@ -87,6 +102,7 @@ class Cache:
         self.check = check
         self.file = _open_h5(self.path, check)
         self._verified: set[str] = set()
+        self._finite: set[str] = set()
 
     # context manager / lifetime
     def close(self):
@@ -119,7 +135,21 @@ class Cache:
         return ds
 
     def _read(self, path: str) -> np.ndarray:
-        return self._dataset(path)[()]
+        """A whole dataset; with check, a float one must hold finite numbers only (NaN/Inf would turn every
+        score that uses it into NaN, silently)."""
+        data = self._dataset(path)[()]
+        if self.check and path not in self._finite and np.issubdtype(np.asarray(data).dtype, np.floating):
+            if not np.isfinite(data).all():
+                raise _damaged(self.path, f"{path} holds NaN or Inf values")
+            self._finite.add(path)
+        return data
+
+    def _rows_in_range(self, path: str, values: np.ndarray, n: int, what: str) -> np.ndarray:
+        """Integers read from `path` that index something of size n (labels, rows): each in 0..n-1."""
+        if self.check and values.size and (values.min() < 0 or values.max() >= n):
+            bad = values[(values < 0) | (values >= n)]
+            raise _damaged(self.path, f"{path} holds {what} {int(bad[0])}, outside 0..{n - 1}")
+        return values
 
     def _attr(self, path: str, name: str):
         try:
@@ -194,7 +224,9 @@ class Cache:
         return self._dataset(S.split_path(split, name), verify)
 
     def labels(self, split: str) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self._split_ds(split, S.LABELS)[()])).long()
+        path = S.split_path(split, S.LABELS)
+        values = np.asarray(self._split_ds(split, S.LABELS)[()])
+        return torch.from_numpy(self._rows_in_range(path, values, self.num_classes, "label")).long()
 
     def paths(self, split: str) -> list[str]:
         return S.strings(self._split_ds(split, S.PATHS)[()])
@@ -253,7 +285,8 @@ class Cache:
             have = ", ".join(f"K={a} seed={b}" for a, b in self.fewshot_names())
             raise CachekitError(f"the cache has no few-shot set K={k} seed={seed}; fix: use one of {have}, "
                                 "or extract again with those --shots/--seeds")
-        return self._read(path)
+        rows = np.asarray(self._read(path))
+        return self._rows_in_range(path, rows, self.num_images("train"), "train row")
 
     def with_replacement(self, k: int, seed: int) -> list[int]:
         self.fewshot(k, seed)

@@ -37,7 +37,8 @@ from . import __version__
 from . import schema as S
 from .augment import AugmentedView, plain_transform
 from .cache import read_identity
-from .data import check_image, jpeg_bytes, load_dataset, load_image, sample_fewshot
+from .data import (MAX_FEWSHOT_ROWS, _display, _file_problem, _gib, _text_problem, available_memory, check_image,
+                   jpeg_bytes, load_dataset, load_image, sample_fewshot)
 from .errors import BadImageError, CacheInUseError, CachekitError
 from .models import attnpool_params, dense_and_pooled, encode_templates, load_model, text_classifier
 from .progress import Counter, Progress
@@ -95,18 +96,24 @@ class ExtractOptions:
             self.progress = None
 
     def validate(self):
-        if not self.shots or any(int(k) < 1 for k in self.shots):
-            raise CachekitError(f"shots {list(self.shots)} must be positive integers; fix: e.g. --shots 1,2,4,8,16")
-        if not self.seeds:
-            raise CachekitError("no seeds given; fix: e.g. --seeds 1,2,3")
-        if self.views < 0:
-            raise CachekitError(f"--views {self.views} must be >= 0; fix: e.g. --views 10")
-        if self.batch_size < 1:
-            raise CachekitError(f"--batch-size {self.batch_size} must be >= 1")
+        """Check every option before any work (one CachekitError each); normalises shots and seeds."""
+        self.shots = _int_list(self.shots, "--shots", "e.g. --shots 1,2,4,8,16", lo=1, hi=MAX_FEWSHOT_ROWS)
+        self.seeds = _int_list(self.seeds, "--seeds", "e.g. --seeds 1,2,3", lo=-INT64_MAX - 1, hi=INT64_MAX)
+        _int_opt(self.views, "--views", 0, MAX_VIEWS, "e.g. --views 10")
+        _int_opt(self.batch_size, "--batch-size", 1, INT64_MAX, "e.g. --batch-size 64")
+        cpus = _cpus()
+        _int_opt(self.workers, "--workers", 0, max(8, 4 * cpus), f"at most 4 per CPU ({cpus} here), e.g. --workers {cpus}")
+        for name, v in (("--init-seed", self.init_seed), ("--aug-seed", self.aug_seed), ("--split-seed", self.split_seed)):
+            _int_opt(v, name, -INT64_MAX - 1, INT64_MAX, "an integer seed, e.g. 0")
+        _int_opt(self.num_shards, "--num-shards", 1, INT64_MAX, "e.g. --num-shards 2")
+        _int_opt(self.shard_index, "--shard-index", 0, INT64_MAX, "e.g. --shard-index 0")
         if self.dense_dtype not in DENSE_DTYPES:
             raise CachekitError(f"--dense-dtype {self.dense_dtype} is not supported; fix: one of {', '.join(DENSE_DTYPES)}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise CachekitError("--device cuda asked for but no CUDA device is visible; fix: --device cpu")
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise CachekitError(f"--device {self.device!r} is not a device; fix: cpu, cuda or cuda:N")
+        from .runner import check_device  # the one device check of every command
+
+        check_device(self.device)
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise CachekitError(f"--shard-index {self.shard_index} is outside 0..{self.num_shards - 1}; "
                                 "fix: give 0 <= --shard-index < --num-shards")
@@ -117,8 +124,90 @@ class ExtractOptions:
         if self.overwrite and self.num_shards > 1:
             raise CachekitError("--overwrite cannot be combined with --num-shards (one shard would wipe the "
                                 "others' work); fix: delete the old cache first, then start the shards")
-        self.shots = tuple(sorted({int(k) for k in self.shots}))
-        self.seeds = tuple(sorted({int(s) for s in self.seeds}))
+        self._check_paths()
+        self.shots = tuple(sorted(set(self.shots)))
+        self.seeds = tuple(sorted(set(self.seeds)))
+
+    def _check_paths(self):
+        """Path options: UTF-8 text (they are stored in the cache), a readable checkpoint file, and an --out
+        whose files (OUT, OUT.tmp, OUT.parts/, OUT.lock and, with --overwrite, the results folder) are none
+        of the inputs and hold none of them."""
+        for name, v in (("DATA", self.data), ("--out", self.out), ("--image-root", self.image_root),
+                        ("--classnames", self.classnames), ("--templates", self.templates),
+                        ("--pretrained", self.pretrained)):
+            if v is None:
+                continue
+            if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
+                raise CachekitError(f"{name} {v!r} is not a path; fix: give a file or folder path")
+            problem = _text_problem(os.fspath(v))
+            if problem:
+                raise CachekitError(f"{name} {_display(v)} {problem}; fix: rename it or choose another path "
+                                    "(cachekit stores paths as UTF-8 text)")
+        if self.pretrained is not None:
+            problem, _ = _file_problem(self.pretrained)
+            if problem:
+                raise CachekitError(f"--pretrained {self.pretrained}: {problem}; fix: pass a readable checkpoint "
+                                    "file (OpenAI .pt or an open_clip state dict)")
+        out = Path(os.path.abspath(os.fspath(self.out)))
+        if out.is_dir():
+            raise CachekitError(f"--out {out} is a folder; fix: give the cache file path, e.g. {out}/cache.h5")
+        inputs = [("DATA", self.data), ("--image-root", self.image_root), ("--classnames", self.classnames),
+                  ("--pretrained", self.pretrained)]
+        if self.templates is not None and os.path.isfile(self.templates):
+            inputs.append(("--templates", self.templates))
+        writes = [(out, "--out"), (tmp_path(out), "its temporary file"), (_parts_dir(out), "its parts folder"),
+                  (Path(f"{out}.lock"), "its lock file")]
+        if self.overwrite:
+            writes.append((out.with_suffix(".results"), "its results folder (removed by --overwrite)"))
+        for w, what in writes:
+            wr = os.path.realpath(w)
+            for label, path in inputs:
+                if path is None:
+                    continue
+                pr = os.path.realpath(os.fspath(path))
+                if pr == wr or pr.startswith(wr.rstrip(os.sep) + os.sep):
+                    rel = "is" if pr == wr else "holds"
+                    subject = f"--out {self.out}" if what == "--out" else f"--out {self.out}: {what} {w}"
+                    raise CachekitError(f"{subject} {rel} the {label} this command reads; fix: choose another "
+                                        "--out path")
+
+
+INT64_MAX = 2**63 - 1
+#: Most augmented views per train image (each is a full encode of every train image).
+MAX_VIEWS = 10_000
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _int_opt(v, name: str, lo: int, hi: int, fix: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise CachekitError(f"{name} {v!r} is not an integer; fix: {fix}")
+    if not lo <= int(v) <= hi:
+        raise CachekitError(f"{name} {v} is out of range {lo}..{hi}; fix: {fix}")
+    return int(v)
+
+
+def _int_list(values, name: str, fix: str, lo: int, hi: int) -> tuple[int, ...]:
+    if values is None or isinstance(values, (str, bytes)):
+        raise CachekitError(f"{name} {values!r} is not a list of integers; fix: {fix}")
+    try:
+        values = list(values)
+    except TypeError:
+        raise CachekitError(f"{name} {values!r} is not a list of integers; fix: {fix}") from None
+    if not values:
+        raise CachekitError(f"{name} names no value; fix: {fix}")
+    return tuple(_int_opt(v, name, lo, hi, fix) for v in values)
+
+
+#: Memory estimates for _check_resources: a plan entry (a tuple in a list, a str reference, the batch
+#: index lists) and a batch's activations relative to its input tensor (ResNet stems are widest).
+_PLAN_BYTES_PER_ROW = 200
+_ACTIVATION_FACTOR = 24
 
 
 def _parts_dir(out: Path) -> Path:
@@ -222,6 +311,18 @@ def _identity(opts, spec, bundle, templates) -> dict:
     }
 
 
+def _read_plan(path: Path) -> dict | None:
+    """OUT.parts/plan.json, or None when it cannot be read as the plan extract writes."""
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    ok = (isinstance(plan, dict) and isinstance(plan.get(_PLAN_IDENTITY), dict)
+          and isinstance(plan.get("batch_size"), int) and not isinstance(plan.get("batch_size"), bool)
+          and plan["batch_size"] >= 1)
+    return plan if ok else None
+
+
 def _mismatch(a: dict, b: dict) -> str:
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return ", ".join(keys)
@@ -314,8 +415,61 @@ class _Job:
                                  val_fraction=opts.val_fraction, test_fraction=opts.test_fraction,
                                  split_seed=opts.split_seed)
         self.tmpl_label, self.templates = resolve_templates(opts.templates)
+        self._check_request()
         with os_errors(str(self.out.parent)):
             self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def _check_request(self):
+        """What depends on the dataset, before any model or allocation: the few-shot sets' size, and an
+        --out that is none of the dataset's images."""
+        spec, opts = self.spec, self.opts
+        C = spec.num_classes
+        for k in opts.shots:
+            if k * C > MAX_FEWSHOT_ROWS:
+                raise CachekitError(f"--shots {k}: a {k}-shot set of {C} classes would hold {k * C:,} rows, over the "
+                                    f"limit of {MAX_FEWSHOT_ROWS:,} (cachekit.data.MAX_FEWSHOT_ROWS); fix: use K <= "
+                                    f"{MAX_FEWSHOT_ROWS // C:,}")
+        out = os.path.realpath(self.out)
+        root = os.path.realpath(spec.root)
+        if out.startswith(root.rstrip(os.sep) + os.sep):
+            rel = Path(os.path.relpath(out, root)).as_posix()
+            if any(it.path == rel for s in spec.splits.values() for it in s):
+                raise CachekitError(f"--out {self.out} is an image of the dataset this command reads; "
+                                    "fix: choose another --out path")
+
+    def _check_resources(self, row_items: dict, B: int):
+        """Refuse, before encoding, a run that cannot fit: the disk at --out (segments, then the assembled
+        cache beside them), the memory of the plan (one entry per image and view) and of one batch."""
+        opts, bundle = self.opts, self.bundle
+        ap = bundle.visual.attnpool
+        HW1, Cd = ap.positional_embedding.shape
+        D = ap.c_proj.out_features
+        dense_row = Cd * (HW1 - 1) * np.dtype(opts.dense_dtype).itemsize
+        rows = sum(len(items) * (opts.views + 1 if split == "train" else 1) for split, items in row_items.items())
+        seg_bytes = rows * (dense_row + D * 4)
+        done = sum(p.stat().st_size for p in self.parts.glob("seg-*.h5")) if self.parts.exists() else 0
+        ap_bytes = sum(p.numel() * 4 for p in ap.parameters())
+        check_space(self.out.parent, max(0, seg_bytes - done) + seg_bytes + ap_bytes + (1 << 20),
+                    f"{self.out} (the batches in {self.parts.name}/, then the assembled cache beside them)")
+        have = available_memory()
+        plan = rows * _PLAN_BYTES_PER_ROW
+        if plan > have // 2:
+            raise CachekitError(f"the plan holds {rows:,} (image, view) rows: about {_gib(plan)} of memory, "
+                                f"{_gib(have)} are available (limit: half); fix: fewer --views or fewer images")
+        S = bundle.image_size
+        b = min(B, max(len(items) for items in row_items.values()))
+        per_image = 3 * S * S * 4 * (_ACTIVATION_FACTOR + 2 * opts.workers) + Cd * (HW1 - 1) * 4 * 6
+        if b * per_image > have:
+            raise CachekitError(f"--batch-size {B} needs about {_gib(b * per_image)} of memory for one batch of {b} "
+                                f"images (estimate), {_gib(have)} are available; fix: use --batch-size "
+                                f"{max(1, have // per_image)} or less")
+        if opts.device.startswith("cuda"):
+            free, _total = torch.cuda.mem_get_info(torch.device(opts.device))
+            gpu = b * 3 * S * S * 4 * _ACTIVATION_FACTOR // 2  # autocast: half-precision activations
+            if gpu > free:
+                raise CachekitError(f"--batch-size {B} needs about {_gib(gpu)} of GPU memory for one batch "
+                                    f"(estimate), {_gib(free)} are free on {opts.device}; fix: use --batch-size "
+                                    f"{max(1, B * free // gpu)} or less")
 
     def prepare(self, overwrite: bool) -> dict | None:
         """Load the model, check an existing cache or unfinished run, write the plan and text
@@ -328,7 +482,7 @@ class _Job:
         self.bundle = bundle = load_model(opts.model, opts.pretrained, init_seed=opts.init_seed, device=opts.device)
         self.ident = ident = _identity(opts, self.spec, bundle, self.templates)
         plan_path = parts / "plan.json"
-        if overwrite and plan_path.exists() and json.loads(plan_path.read_text())[_PLAN_IDENTITY] != ident:
+        if overwrite and plan_path.exists() and (_read_plan(plan_path) or {}).get(_PLAN_IDENTITY) != ident:
             # An unfinished run of these very settings is kept, so an interrupted --overwrite resumes.
             shutil.rmtree(parts, ignore_errors=True)
         if out.exists():
@@ -359,13 +513,18 @@ class _Job:
         B = opts.batch_size
         plan_path = parts / "plan.json"
         if plan_path.exists():
-            plan = json.loads(plan_path.read_text())
+            plan = _read_plan(plan_path)
+            if plan is None:
+                raise CachekitError(f"unfinished extraction in {parts} has a damaged plan ({plan_path.name}); "
+                                    "fix: pass --overwrite to start afresh")
             if plan[_PLAN_IDENTITY] != ident:
                 raise CachekitError(f"unfinished extraction in {parts} was started with a different "
                                     f"{_mismatch(plan[_PLAN_IDENTITY], ident)}; fix: rerun it with the same options, "
                                     "or pass --overwrite to start afresh")
             B = plan["batch_size"]
+            self._check_resources(row_items, B)
         else:
+            self._check_resources(row_items, B)
             with os_errors(str(parts)):
                 parts.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(plan_path, {_PLAN_IDENTITY: ident, "batch_size": B, "cachekit_version": __version__})

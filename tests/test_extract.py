@@ -227,8 +227,9 @@ def test_bad_image_error_and_skip(tmp_path):
     for split, n in (("train", 5), ("val", 3), ("test", 3)):
         make_tree(root / split, classes=2, per_class=n, seed=len(split))
     broken = b"\x89PNG\r\n\x1a\n not really a png"
-    (root / "val" / "class_1" / "zz_broken.png").write_bytes(broken)
-    (root / "train" / "class_0" / "zz_broken.png").write_bytes(broken)
+    # (two different broken files: the same bytes in two classes would be refused as one image twice)
+    (root / "val" / "class_1" / "zz_broken.png").write_bytes(broken + b" (val)")
+    (root / "train" / "class_0" / "zz_broken.png").write_bytes(broken + b" (train)")
     out = tmp_path / "c.h5"
     # K=6 samples every train image of class_0, the broken one included.
     with pytest.raises(CachekitError, match="train/class_0/zz_broken.png"):
