@@ -29,3 +29,15 @@ clean:
 	rm -rf cache/*.h5 cache/*.parts cache/*.results cache/demo build *.egg-info
 
 .PHONY: venv demo test test-all reliability clean
+
+# Every GPU measurement of docs/benchmarks.md (~8 min on one H100/H200); refuses without CUDA (tools/bench_gpu.sh).
+bench-gpu: $(STAMP)
+	PY=$(PY) tools/bench_gpu.sh --docs docs/benchmarks.md
+
+# The scale rehearsal of docs/scale.md at its three sizes (~1 h on a 2-core CPU; needs ~25 GB free disk).
+bench-scale: $(STAMP)
+	$(VENV)/bin/cachekit bench scale --classes 100 --shots 1,4 --views 10 --val 200 --test 1000 --ape-curve 100x200,100x600,100x1200 --threads 1 --docs docs/scale.md --docs-section scale-small
+	$(VENV)/bin/cachekit bench scale --classes 1000 --shots 1,2 --views 10 --val 2000 --test 10000 --ape-curve 1000x1000 --threads 1 --docs docs/scale.md --docs-section scale-medium
+	$(VENV)/bin/cachekit bench scale --classes 1000 --shots 1,4 --views 10 --val 2000 --test 10000 --ape-curve 100x1000,1000x500,1000x1000,1000x2000 --threads 1 --docs docs/scale.md --docs-section scale-large
+
+.PHONY: bench-gpu bench-scale

@@ -32,6 +32,8 @@ def _common(fn):
     @functools.wraps(fn)
     def run(as_json, quiet, out_path, docs_path, docs_section, **kw):
         view = ProgressView(quiet=quiet or as_json)
+        if getattr(fn, "writes_docs", False):  # a suite that writes its parts' sections itself
+            kw["docs"] = docs_path
         try:
             res = fn(progress=view, **kw)
         finally:
@@ -194,6 +196,92 @@ def extract_cmd(**kw):
     from cachekit.bench import bench_extract
 
     return bench_extract(**kw)
+
+
+def _writes_docs(fn):
+    """Mark a command whose library function writes its parts' sections itself (it gets docs=PATH)."""
+    fn.writes_docs = True
+    return fn
+
+
+def _bytes(ctx, param, value):
+    from .common import parse_bytes
+
+    return parse_bytes(value)
+
+
+@bench.command("scale", context_settings=CONTEXT)
+@click.option("--classes", default=1000, type=click.IntRange(min=2, max=1000))
+@click.option("--shots", default="1,4", callback=int_list,
+              help="Few-shot sets (seed 1); the train pool holds max(shots) images per class.")
+@click.option("--views", default=10, type=click.IntRange(min=0), help="Augmented views per train image.")
+@click.option("--val", default=2000, type=click.IntRange(min=2), help="Val images (>= --classes).")
+@click.option("--test", default=10000, type=click.IntRange(min=1), help="Test images.")
+@click.option("--dense-shape", default="2048,7,7", callback=_shape, help="Map shape Cd,H,W (RN50: 2048,7,7).")
+@click.option("--dim", default=1024, type=click.IntRange(min=1), help="Pooled feature size D (RN50: 1024).")
+@click.option("--heads", default=32, type=click.IntRange(min=1), help="Attention-pooling heads (RN50: 32).")
+@click.option("--batch-size", default=64, type=click.IntRange(min=1), help="extract --batch-size.")
+@click.option("--input-px", default=32, type=click.IntRange(min=8), help="Input resolution of the stand-in.")
+@click.option("--workers", default=0, type=click.IntRange(min=0), help="extract --workers.")
+@click.option("--kill-at", default=0.5, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="SIGKILL the extraction after this fraction of its units, then resume it.")
+@click.option("--safe-steps", default=6, type=click.IntRange(min=1), help="SAFE steps timed per epoch.")
+@click.option("--safe-batch", default=64, type=click.IntRange(min=1))
+@click.option("--max-memory", default="4GiB", callback=_bytes,
+              help="fit-safe --max-memory: the in-memory side loads the smallest set (or its first maps that fit); "
+                   "the streaming side streams the largest.")
+@click.option("--ape-curve", default="100x1000,1000x500,1000x1000,1000x2000",
+              help="APE search points CLASSESxVAL, on the cache's features.")
+@click.option("--methods", default="zeroshot,tip,ape,gda", help="Methods `eval` runs on the largest set.")
+@click.option("--top-k", default=500, type=click.IntRange(min=1), help="APE's Q in the curve.")
+@click.option("--rn50-sample", default=8, type=click.IntRange(min=0),
+              help="RN50 forward passes timed (224 px) to price a real extraction of the cache; 0: skip.")
+@click.option("--device", default="cpu", help="Device of SAFE and eval (extract runs the stand-in on the CPU).")
+@click.option("--seed", default=0, type=int)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the images, the cache and the logs (default: a temporary folder, removed).")
+@click.option("--keep", is_flag=True, help="With --workdir: keep the cache afterwards.")
+@_common
+def scale_cmd(**kw):
+    """Scale rehearsal: an ImageNet-shaped cache through the real writer with a stand-in encoder; write speed
+    vs a raw write, peak RSS and disk, SIGKILL + resume, verify, info, SAFE in memory vs streaming, eval at
+    C=1000 and APE's search curve (docs/scale.md)."""
+    from cachekit.bench import bench_scale
+
+    return bench_scale(**kw)
+
+
+@bench.command("search", context_settings=CONTEXT)
+@click.option("--classes", default=100, type=click.IntRange(min=2))
+@click.option("--val", default=1000, type=click.IntRange(min=2))
+@click.option("--shots", default=16, type=click.IntRange(min=1))
+@click.option("--dim", default=1024, type=click.IntRange(min=1))
+@click.option("--top-k", default=500, type=click.IntRange(min=1))
+@click.option("--device", default="cuda", help="cuda[:N] (or cpu).")
+@click.option("--repeats", default=5, type=click.IntRange(min=1))
+@click.option("--cpu-baseline/--no-cpu-baseline", default=True, help="Also time the search on the CPU.")
+@click.option("--seed", default=0, type=int)
+@_common
+def search_cmd(**kw):
+    """A full 80,000-point APE search with its tensors on a device vs on the CPU (target on one GPU at
+    C=100, 1,000 val: <= 0.1 s)."""
+    from cachekit.bench import bench_search
+
+    return bench_search(**kw)
+
+
+@bench.command("gpu", context_settings=CONTEXT)
+@click.option("--device", default="cuda", help="cuda[:N]; cpu only with --tiny.")
+@click.option("--tiny", is_flag=True, help="Dry run: toy sizes and models (seconds, any device).")
+@click.option("--workers", default=8, type=click.IntRange(min=0), help="DataLoader workers of extract/safe.")
+@_common
+@_writes_docs
+def gpu_cmd(**kw):
+    """Every GPU measurement (make bench-gpu): extract vs bare forward, SAFE epoch, APE search at C=100 and
+    C=1000, a small scale rehearsal on the device; --docs writes each section (gpu-*) and the targets (gpu)."""
+    from cachekit.bench import bench_gpu
+
+    return bench_gpu(**kw)
 
 
 COMMANDS = [bench]

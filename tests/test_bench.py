@@ -10,6 +10,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -99,15 +100,27 @@ def test_grid_configs_distinct():
 
 def test_bench_grid(tmp_path):
     res = B.bench_grid(shots=2, classes=3, val=6, configs=2, views=1, batch_size=8, dim=32, top_k=16,
-                       naive_points=10, check_n=(3, 2, 2), ape_configs=12, threads=1, workdir=tmp_path)
+                       naive_points=10, check_n=(3, 2, 2), ape_configs=12, reextract_model="RN-tiny-224",
+                       reextract_sample=2, threads=1, workdir=tmp_path)
     check_common(res, "grid", {"pipeline_total", "per_extra_config", "ape_search_naive_over_vectorised",
-                               "ape_sweep_vs_reextract", "ape_search_over_cache_values_only"})
+                               "ape_sweep_vs_reextract", "ape_search_over_cache_values_only",
+                               "pipeline_total_tiny_model", "per_extra_config_tiny_model",
+                               "ape_sweep_vs_reextract_tiny_model"})
+    # Re-extraction is priced with the real model's timed forward (extrapolated), the tiny model's as a second row.
+    a = res["grid_a"]
+    assert a["reextract_model"] == "RN-tiny-224" and a["reextract_throughput"]["images"] == 2
+    assert a["seconds_extract_reextract_model"] == pytest.approx(
+        res["cache"]["encoded_images"] / a["reextract_throughput"]["images_per_s"])
+    assert {"pipeline_total", "per_extra_config", "ape_sweep_vs_reextract"} <= set(res["extrapolated_ratios"])
+    rows = [r[0] for r in res["table"]["rows"]]
+    assert any("RN-tiny-224" in r and "EXTRAPOLATED" in r for r in rows)
+    assert any("measured RN-tiny extract" in r for r in rows)
     assert res["grid_b"]["cache_values"] == 3 * 6 * 200 * 20  # classes x val x n_beta x n_gamma
     c = res["grid_c"]
     assert len(c["configs"]) == 12 and c["searches_run"] + c["searches_reused"] == 12
     assert len({x["top_k"] for x in c["configs"]}) == 2 <= c["searches_run"]  # 10 weight pairs per Q
     assert res["checks"]["same_pick_reduced_grid"]["same"] is True
-    assert res["extrapolated_ratios"] == ["ape_search_naive_over_vectorised"]
+    assert "ape_search_naive_over_vectorised" in res["extrapolated_ratios"]
     assert len(res["grid_a"]["configs"]) == 2
     assert res["grid_a"]["seconds_authors_total"] > res["grid_a"]["seconds_runs"]
 
@@ -148,9 +161,139 @@ def test_bench_extract(tmp_path):
 def test_cuda_refused_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    with pytest.raises(Exception, match="no CUDA device"):
-        B.bench_extract(device="cuda")
+    for fn in (B.bench_extract, B.bench_search, B.bench_gpu, B.bench_scale):
+        with pytest.raises(Exception, match="no CUDA device"):
+            fn(device="cuda")
 
+
+def test_rn50_throughput_is_a_timed_forward_sample():
+    r = B.rn50_throughput("RN-tiny-224", n=3, batch=2, threads=1)
+    assert r["images"] == 3 and r["image_size"] == 224 and r["images_per_s"] == pytest.approx(3 / r["seconds"])
+
+
+# ----------------------------------------------------------------------------------------------- search
+def test_bench_search_cpu():
+    res = B.bench_search(classes=4, val=8, shots=2, dim=16, top_k=8, device="cpu", repeats=1, threads=1)
+    check_common(res, "search", {"floor_over_search"})
+    assert "target" not in res["checks"] and res["search"]["seconds_cpu"] is None
+    # On a device other than the CPU the same search is timed on the CPU too, and must pick the same point
+    # (exercised on CUDA by `make bench-gpu`).
+
+
+# ----------------------------------------------------------------------------------------------- scale
+def test_standin_attnpool_is_open_clips_attention_pooling():
+    """The stand-in computes its pooling in closed form; it equals open_clip's AttentionPool2d (and cachekit's
+    attnpool_single_query, which `verify` uses) on the same weights."""
+    from cachekit.attnpool import attnpool_single_query
+    from cachekit.models import attnpool_params
+
+    spec = {**B._STANDIN_DEFAULTS, "dense_shape": [64, 3, 3], "dim": 32, "heads": 4}
+    ap = B._make_standin_attnpool(spec)
+    x = torch.relu(torch.randn(5, 64, 3, 3, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        fast, ref = ap(x), ap.reference_forward(x)
+    assert (fast - ref).abs().max() < 1e-5 * ref.abs().max()
+    params, heads = attnpool_params(type("Visual", (), {"attnpool": ap})())
+    assert (attnpool_single_query(x, params, heads) - fast).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_standin_reads_the_class_from_the_pixels_and_is_deterministic(tmp_path):
+    from cachekit.augment import AugmentedView, plain_transform
+    from cachekit.data import load_image
+
+    classes = [0, 7, 58, 421, 999]
+    rng = np.random.default_rng(0)
+    for c in classes:
+        B.standin_image(c, 24, rng).save(tmp_path / f"{c}.jpg", quality=95)
+    bundle = B.standin_bundle({"image_size": 24, "dense_shape": [16, 3, 3], "dim": 8, "heads": 4})
+    pre = bundle.preprocess_cfg
+    plain, aug = plain_transform(24, pre["mean"], pre["std"]), AugmentedView(24, pre["mean"], pre["std"])
+    for c in classes:
+        p = tmp_path / f"{c}.jpg"
+        img = load_image(p)
+        x = torch.stack([plain(img)] + [aug(img, 0, p.name, v) for v in (1, 2, 3)])
+        assert bundle.visual.stem.classes(x).tolist() == [c] * 4
+        d1, d2 = bundle.visual.stem(x), bundle.visual.stem(x.flip(0)).flip(0)
+        assert d1.shape == (4, 16, 3, 3) and torch.equal(d1, d2)  # per view, whatever the batch order
+        assert not torch.equal(d1[1], d1[2])  # views differ
+
+
+def test_standin_installed_restores_the_loader():
+    import importlib
+
+    X = importlib.import_module("cachekit.extract")
+    orig = X.load_model
+    with B.standin_installed({"dense_shape": [8, 2, 2], "dim": 4, "heads": 2}):
+        b = X.load_model("RN50-standin", None, init_seed=3, device="cpu")
+        assert b.name == "RN50-standin" and b.random_weights and "stand-in" in b.weights_label
+        assert tuple(b.visual.attnpool.positional_embedding.shape) == (5, 8)
+    assert X.load_model is orig
+
+
+def test_bench_scale_tiny(tmp_path):
+    """The whole rehearsal at a toy size: real extract with the stand-in (segments, assembly, publish), SIGKILL
+    at half and resume to identical arrays, verify, info, SAFE in memory and streaming, eval and the APE curve."""
+    res = B.bench_scale(classes=3, shots=(1, 2), views=1, val=3, test=3, dense_shape=(8, 2, 2), dim=4, heads=2,
+                        batch_size=2, input_px=16, safe_steps=1, safe_batch=2, ape_curve="3x6,2x4",
+                        methods="zeroshot,tip,ape,gda", rn50_sample=0, threads=1, workdir=tmp_path)
+    check_common(res, "scale", {"extract_write_vs_raw_write", "segments_write_vs_raw_write",
+                                "resume_vs_uninterrupted", "safe_memory_step_over_stream_step_cold"})
+    ch = res["checks"]
+    assert ch["verify_ok"] and ch["resumed_identical"] and ch["killed_by_sigkill"]
+    assert ch["memory_source"] == "TensorSource" and ch["stream_source"] == "DenseSource"
+    c = res["cache"]
+    assert c["maps"] == {"train": 3 * 2 * 2, "val": 3, "test": 3} and c["dense_bytes"] == 18 * 32 * 2
+    r = res["resume"]
+    assert 0 < r["killed_after_units"] < r["units_total"] and r["segments_left"] >= r["killed_after_units"]
+    assert r["resume_units_encoded"] == r["units_total"] - r["segments_left"]
+    assert {x["method"] for x in res["eval"]["runs"]} == {"zeroshot", "tip", "ape", "gda"}
+    assert [(p["classes"], p["val"]) for p in res["eval"]["curve"]] == [(3, 6), (2, 4)]
+    assert res["extract"]["disk_peak_bytes"] >= res["cache"]["file_bytes"] > 0
+    assert res["extract"]["peak_rss_bytes"] > 0 and res["verify"]["peak_rss_bytes"] > 0
+    assert not (tmp_path / "scale.h5").exists()  # the cache is removed unless --keep
+
+
+def test_bench_scale_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(Exception, match="2..1000 classes"):
+        B.bench_scale(classes=1001, workdir=tmp_path)
+    with pytest.raises(Exception, match="CLASSESxVAL"):
+        B.bench_scale(classes=3, val=3, ape_curve="3by6", workdir=tmp_path)
+    with pytest.raises(Exception, match="free"):
+        B.bench_scale(classes=1000, shots=(16,), test=10**7, workdir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- gpu script
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "bench_gpu.sh"
+
+
+def _script(args, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PY": sys.executable, **(env_extra or {})}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_bench_gpu_script_refuses_without_cuda(tmp_path):
+    doc = tmp_path / "b.md"
+    r = _script(["--docs", str(doc)], {"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and "no CUDA device" in r.stderr and "fix:" in r.stderr and not doc.exists()
+    r = _script(["--device", "cpu", "--docs", str(doc)])
+    assert r.returncode == 2 and "--tiny" in r.stderr and not doc.exists()
+
+
+def test_bench_gpu_script_cpu_dry_run(tmp_path):
+    """`tools/bench_gpu.sh --device cpu --tiny` runs every GPU step at toy sizes and writes each section."""
+    doc = tmp_path / "b.md"
+    doc.write_text("# B\n\n<!-- bench:gpu-safe -->\nnot measured yet\n<!-- /bench:gpu-safe -->\n\nend\n")
+    r = _script(["--device", "cpu", "--tiny", "--docs", str(doc), "--threads", "1", "-q"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    secs = _sections(doc.read_text())
+    assert set(secs) == {"gpu-extract", "gpu-safe", "gpu-search-100", "gpu-search-1000", "gpu-scale", "gpu"}
+    assert "not measured yet" not in secs["gpu-safe"] and doc.read_text().index("gpu-safe") < doc.read_text().index("end")
+    assert "--docs-section gpu-search-1000" in secs["gpu-search-1000"] and "TINY dry run" in secs["gpu"]
+    assert "target" in r.stdout and "extract_over_bare" in r.stdout
 
 # ----------------------------------------------------------------------------------------------- docs
 def test_replace_section():
@@ -255,7 +398,7 @@ def test_cli_json_parses_and_help():
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert d["bench"] == "refine" and d["ratios"]["literal_over_closed"] > 0
-    for cmd in ([], ["refine"], ["grid"], ["io"], ["safe"], ["extract"]):
+    for cmd in ([], ["refine"], ["grid"], ["io"], ["safe"], ["extract"], ["scale"], ["search"], ["gpu"]):
         r = CliRunner().invoke(bench_cli, cmd + ["--help"])
         assert r.exit_code == 0 and "Usage:" in r.output
 
