@@ -243,7 +243,10 @@ class Cache:
             if view not in (None, 0):
                 raise CachekitError(f"split {split} has only view 0")
             data = ds[()]
-        t = torch.from_numpy(np.asarray(data, dtype=np.float32))
+        data = np.asarray(data, dtype=np.float32)
+        if self.check and not np.isfinite(data).all():
+            raise _damaged(self.path, f"{S.split_path(split, S.POOLED)} holds NaN or Inf values")
+        t = torch.from_numpy(data)
         if rows is not None:
             t = t[..., torch.as_tensor(np.asarray(rows), dtype=torch.long), :]
         return t

@@ -648,18 +648,6 @@ def _pairs(pairs: list[tuple[str, str, str]]) -> str:
 def _check_integrity(given: dict[str, list[Item]], ident: _Identity, class_keys: list[str], source: str) -> bool:
     """Refuse an image in two classes, in train and in val/test, linked twice into one split, or in part of
     val and of test; return True when val and test list exactly the same images (then test is val)."""
-    for split in SPLITS:
-        first: dict[tuple, str] = {}
-        twice = []
-        for it in given.get(split) or []:
-            k = ident.file[it.path]
-            if k in first and first[k] != it.path:
-                twice.append((first[k], it.path, "the same file"))
-            first.setdefault(k, it.path)
-        if twice:
-            raise _error(f"{len(twice)} image(s) of {source} are listed twice in {split} under other names: "
-                         f"{_pairs(twice)}", "remove the link (or the second entry) so that each image is listed once")
-
     owner: dict[tuple, Item] = {}
     clash = []
     for split in SPLITS:
@@ -672,6 +660,18 @@ def _check_integrity(given: dict[str, list[Item]], ident: _Identity, class_keys:
     if clash:
         raise _error(f"{len(clash)} image(s) of {source} are in two classes: {_pairs(clash)}",
                      "keep each image in one class only (remove the copy, the link, or the entry)")
+
+    for split in SPLITS:
+        first: dict[tuple, str] = {}
+        twice = []
+        for it in given.get(split) or []:
+            k = ident.file[it.path]
+            if k in first and first[k] != it.path:
+                twice.append((first[k], it.path, "the same file"))
+            first.setdefault(k, it.path)
+        if twice:
+            raise _error(f"{len(twice)} image(s) of {source} are listed twice in {split} under other names: "
+                         f"{_pairs(twice)}", "remove the link (or the second entry) so that each image is listed once")
 
     train = {}
     for it in given.get("train") or []:

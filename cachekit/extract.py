@@ -460,9 +460,10 @@ class _Job:
         b = min(B, max(len(items) for items in row_items.values()))
         per_image = 3 * S * S * 4 * (_ACTIVATION_FACTOR + 2 * opts.workers) + Cd * (HW1 - 1) * 4 * 6
         if b * per_image > have:
+            fix = (f"use --batch-size {have // per_image} or less" if have >= per_image else
+                   "free memory or use a machine with more (even one image does not fit)")
             raise CachekitError(f"--batch-size {B} needs about {_gib(b * per_image)} of memory for one batch of {b} "
-                                f"images (estimate), {_gib(have)} are available; fix: use --batch-size "
-                                f"{max(1, have // per_image)} or less")
+                                f"images (estimate), {_gib(have)} are available; fix: {fix}")
         if opts.device.startswith("cuda"):
             free, _total = torch.cuda.mem_get_info(torch.device(opts.device))
             gpu = b * 3 * S * S * 4 * _ACTIVATION_FACTOR // 2  # autocast: half-precision activations

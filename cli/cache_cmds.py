@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from .common import CONTEXT, emit_json, friendly, int_list, note, progress_view, table
+from .common import CONTEXT, emit_json, friendly, int_list, note, printable, progress_view, table
 
 
 @click.command(context_settings=CONTEXT)
@@ -19,7 +19,8 @@ from .common import CONTEXT, emit_json, friendly, int_list, note, progress_view,
 @click.option("--views", default=10, type=click.IntRange(min=0), help="Augmented views per train image (plus one plain view).")
 @click.option("--templates", default=None, help="Template set name (photo, imagenet, dtd, ...) or a file, one per line.")
 @click.option("--image-root", type=click.Path(file_okay=False), default=None, help="Image folder for split files / manifests.")
-@click.option("--classnames", type=click.Path(dir_okay=False, exists=True), default=None, help="File with one class name per line.")
+@click.option("--classnames", type=click.Path(dir_okay=False, readable=False), default=None,
+              help="File with one class name per line.")
 @click.option("--device", default="cpu", help="cpu or cuda[:N].")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1))
 @click.option("--workers", default=0, type=click.IntRange(min=0), help="DataLoader worker processes.")
@@ -70,11 +71,11 @@ def extract(data, as_json, quiet, **kw):
                  f"sampled with replacement: {', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}")
         if res.get("bad_images"):
             note(f"NOTE: {res['bad_images']} unreadable image(s) skipped and recorded in the cache (cachekit info --json)")
-        click.echo(f"{res['status']}: {res['cache']}")
+        click.echo(f"{res['status']}: {printable(res['cache'])}")
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(dir_okay=False))
+@click.argument("cache", type=click.Path(dir_okay=False, readable=False))
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def info(cache, as_json):
@@ -87,7 +88,7 @@ def info(cache, as_json):
     if as_json:
         emit_json(d)
         return
-    click.echo(f"{d['path']}  ({d['file_bytes'] / 2**20:.1f} MiB)")
+    click.echo(f"{printable(d['path'])}  ({d['file_bytes'] / 2**20:.1f} MiB)")
     click.echo(f"model {d['model']}: {d['weights']}")
     click.echo(f"classes {d['classes']}, embed dim {d['embed_dim']}, dense map {'x'.join(map(str, d['dense_shape']))}, "
                f"{d['views']} augmented views + 1 plain")
@@ -106,7 +107,7 @@ def info(cache, as_json):
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(dir_okay=False))
+@click.argument("cache", type=click.Path(dir_okay=False, readable=False))
 @click.option("--sample", default=32, type=click.IntRange(min=1), help="Rows per split for the attnpool check.")
 @click.option("--quick", is_flag=True, help="Skip hashing and the NaN/Inf scan of the large datasets (dense maps, "
               "pooled features); the output lists what was skipped.")
@@ -130,8 +131,8 @@ def verify(cache, sample, quick, as_json):
             click.echo(f"{tag} {chk['check']}: {chk['detail']}")
     if not rep.ok:
         names = ", ".join(c["check"] for c in rep.failed)
-        click.echo(f"Error: cache {cache} failed: {names}; fix: rebuild it with `cachekit extract --overwrite`",
-                   err=True)
+        click.echo(f"Error: cache {printable(cache)} failed: {names}; fix: rebuild it with `cachekit extract "
+                   "--overwrite`", err=True)
         sys.exit(1)
 
 

@@ -68,6 +68,19 @@ def debug_enabled() -> bool:
     return bool(ctx is not None and ctx.meta.get("cachekit.debug"))
 
 
+def printable(text) -> str:
+    """Text safe to print on any terminal: a name's bytes that are not UTF-8 (surrogate escapes) as \\xNN."""
+    s = str(text)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        try:
+            return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
@@ -77,14 +90,15 @@ def unexpected_error(exc: BaseException) -> click.ClickException:
     """One line for an exception cachekit did not expect (a bug): `Error: internal error: <type>: <message>;
     fix: rerun with --debug ...`. With --debug the traceback is printed (stderr) first."""
     if debug_enabled():
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        click.echo(printable(text.rstrip("\n")), err=True)
     if isinstance(exc, MemoryError):
         return click.ClickException(
             f"out of memory{': ' + _first_line(exc) if _first_line(exc) else ''}; fix: ask for less (fewer "
             "images, shots, views or a smaller --batch-size) or use a machine with more memory; rerun with "
             "--debug for the traceback")
     what = type(exc).__name__
-    msg = _first_line(exc)
+    msg = printable(_first_line(exc))
     return click.ClickException(f"internal error: {what}{': ' + msg if msg else ''}; fix: rerun with --debug "
                                 "for the traceback and report it")
 
@@ -106,7 +120,7 @@ def guarded(call):
     except _CLICK_EXITS:
         raise
     except CachekitError as exc:
-        raise click.ClickException(str(exc).replace("\n", " ")) from None
+        raise click.ClickException(printable(str(exc).replace("\n", " "))) from None
     except KeyboardInterrupt:
         interrupted()
     except Exception as exc:  # noqa: BLE001 - the top-level guard: anything unexpected is one line
