@@ -1425,6 +1425,9 @@ _READS = {
              "/splits/val/pooled", "/splits/train/pooled", "/text/classifier", "/classnames"},
     "fit-safe": {"/fewshot/K1_seed1", "/splits/train/labels", "/model/attnpool/c_proj.weight", "/classnames"},
 }
+# datasets whose values the reader checks when it reads them (rows and labels in range, floats finite)
+_CHECKED_VALUES = {"/fewshot/K1_seed1", "/splits/train/labels", "/splits/val/labels", "/splits/test/labels",
+                   "/splits/val/pooled", "/splits/train/pooled", "/text/classifier", "/model/attnpool/c_proj.weight"}
 # eval --out into the base results file: its rows are already there, so nothing may be read at all
 
 
@@ -1499,12 +1502,17 @@ def mutate_cache(path: Path, target: str, mutation: str, reseal: bool) -> bool:
 def cache_case(desc: tuple) -> Case:
     target, mutation, reseal, command = desc
     reads = _READS.get(command, set())
-    if command == "verify":
+    attr = "@" in target
+    structural = mutation in (("delete", "garbage-json", "retype") if attr else ("delete", "retype", "reshape", "empty"))
+    invalid = mutation in ("out-of-range", "negative", "nan", "inf") and not attr and target in _CHECKED_VALUES
+    if structural:
+        expect = "error"  # every command checks the layout when it opens the cache
+    elif command == "verify":
         expect = "either" if reseal and mutation == "flip" else "error"
-    elif not reseal and target in reads and "@" not in target:
-        expect = "error"
+    elif target in reads and (not reseal or invalid):
+        expect = "error"  # its checksum no longer matches, or the value cannot be right
     else:
-        expect = "either"
+        expect = "either"  # a resealed in-range edit, or data the command does not read
 
     def build(folder: Path, base: Base) -> list:
         c = folder / "c.h5"
