@@ -22,13 +22,16 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest
 
+hostile: $(STAMP)
+	$(PY) -m tests.harness.hostile --out docs/hostile-inputs.md
+
 reliability: $(STAMP)
 	$(PY) -m tests.harness.reliability --out docs/reliability.md
 
 clean:
 	rm -rf cache/*.h5 cache/*.parts cache/*.results cache/demo build *.egg-info
 
-.PHONY: venv demo test test-all reliability clean
+.PHONY: venv demo test test-all hostile reliability clean
 
 # Every GPU measurement of docs/benchmarks.md (~8 min on one H100/H200); refuses without CUDA (tools/bench_gpu.sh).
 bench-gpu: $(STAMP)

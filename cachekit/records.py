@@ -115,7 +115,7 @@ def looks_like_results(path: Path) -> str | None:
             continue
         try:
             why = _check_line(json.loads(ln))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad JSON, a huge integer, nesting too deep
             why = "not JSON lines"
         if why:
             return f"not a cachekit results file ({why})"
@@ -236,7 +236,7 @@ def read_results(path) -> Loaded:
         try:
             obj = json.loads(line)
             why = _check_line(obj)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad JSON, a huge integer, nesting too deep
             why = "not JSON"
         if why:
             skipped.append((i, why))

@@ -38,7 +38,7 @@ def print_table(records, chosen_on: str):
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(dir_okay=False))
+@click.argument("cache", type=click.Path(dir_okay=False, readable=False))
 @click.option("--top-k", "top_k", required=True, type=int, help="Q, the number of channels to keep.")
 @shots_option
 @seeds_option
@@ -78,7 +78,7 @@ def refine(cache, top_k, shots, seeds, weights, text_only, as_json, quiet):
 
 
 @click.command("eval", context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(dir_okay=False))
+@click.argument("cache", type=click.Path(dir_okay=False, readable=False))
 @click.option("--method", "methods", default="zeroshot,tip,ape,gda",
               help="Comma-separated methods (cachekit methods lists them).")
 @shots_option
@@ -152,7 +152,7 @@ def _safe_options(fn):
 
 
 @click.command("fit-safe", context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(dir_okay=False))
+@click.argument("cache", type=click.Path(dir_okay=False, readable=False))
 @shots_option
 @seeds_option
 @_safe_options

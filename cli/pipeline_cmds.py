@@ -8,7 +8,7 @@ from .method_cmds import cache_notes, print_table, record_notes
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(dir_okay=False))
+@click.argument("cache", type=click.Path(dir_okay=False, readable=False))
 @click.option("--grid", "grid_file", required=True, type=click.Path(dir_okay=False),
               help="JSON or YAML grid: methods (with candidate lists per parameter), shots, seeds, preset.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
@@ -46,7 +46,7 @@ def sweep(cache, grid_file, out, device, as_json, quiet):
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("results", type=click.Path(dir_okay=False))
+@click.argument("results", type=click.Path(dir_okay=False, readable=False))
 @click.option("--out", "out_dir", default=None, type=click.Path(),
               help="Output folder (default: next to RESULTS, named report/).")
 @click.option("--no-plots", is_flag=True)
