@@ -241,17 +241,25 @@ def family_key(stem: str) -> str:
     """The drawing family of a file stem: the stem without variant words and numbering suffixes.
 
     Variant words (``bw``, ``black``, ``outline``, ``shaded``, colour names...) are dropped wherever
-    they stand as a word; then zero-padded counters (``_01``, ``03b``) and a trailing ``r`` after a digit or ``_`` are
-    stripped from the end (``_01``, ``01r``, ``_r``). So ``man_01``/``man_02``, ``bus1_jarno_vasamaa_01``/``bus1_bw_jarno_vasamaa_01``,
-    ``queensland-black``/``queensland-shaded`` and ``people_juliane_krug_03a``/``_03b`` each share a key.
+    they stand as a word; then zero-padded counters (``_01``, ``03b``) and a trailing ``r`` after a
+    digit or ``_`` are stripped from the end (``_01``, ``01r``, ``_r``). When that leaves nothing (a
+    drawing named after a colour, such as ``orange``), the first word stays. So ``man_01``/``man_02``,
+    ``bus1_jarno_vasamaa_01``/``bus1_bw_jarno_vasamaa_01``, ``queensland-black``/``-shaded`` and
+    ``people_juliane_krug_03a``/``_03b`` each share a key, and ``orange``/``orange_bw_02`` too.
     Numbers that are not zero-padded (``bordered_c_10``, ``star_05pt02step``) are kept: they name
     different drawings.
     """
-    s = _VARIANT_TOKEN.sub("", stem.lower().replace("_", " ").replace("-", " "))
-    s = re.sub(r"\s+", "_", s.strip())
+    words = stem.lower().replace("_", " ").replace("-", " ").split()
+    key = _strip_counters("_".join(_VARIANT_TOKEN.sub("", " ".join(words)).split()))
+    if not key:  # named after a colour ("orange", the fruit): its first word stays
+        key = _strip_counters("_".join(words[:1] + _VARIANT_TOKEN.sub("", " ".join(words[1:])).split()))
+    return key or stem.lower()
+
+
+def _strip_counters(s: str) -> str:
     while True:
         t = _FAMILY_SUFFIX.sub("", s)
-        if t == s or not t:
+        if t == s:
             return s
         s = t
 
