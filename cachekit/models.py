@@ -62,6 +62,13 @@ def sha256_file(path, chunk=1 << 22) -> str:
     return h.hexdigest()
 
 
+#: Checkpoints cachekit ships, by sha256: what outputs call them (docs/mini-clip.md).
+KNOWN_CHECKPOINTS = {
+    "d3028517bbe64ee02d4e93bab9a1f7732583ed7121b88b383d4bf4fb950bba02":
+        "cachekit mini-CLIP trained on Open Clip Art (not OpenAI CLIP)",
+}
+
+
 @dataclass
 class ModelBundle:
     """A model plus everything about it that goes into a cache's provenance."""
@@ -82,7 +89,9 @@ class ModelBundle:
     def weights_label(self) -> str:
         if self.random_weights:
             return f"random weights (seed {self.init_seed}), not pretrained: accuracies are not meaningful"
-        return f"pretrained checkpoint {self.checkpoint} (sha256 {self.checkpoint_sha256[:12]})"
+        name = KNOWN_CHECKPOINTS.get(self.checkpoint_sha256)
+        return (f"{name + ': ' if name else ''}pretrained checkpoint {self.checkpoint} "
+                f"(sha256 {self.checkpoint_sha256[:12]})")
 
     @property
     def visual(self):

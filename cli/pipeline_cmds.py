@@ -105,7 +105,8 @@ def report(results, out_dir, no_plots, figures_cache, figure_shots, figure_seed,
 
 @click.command(context_settings=CONTEXT)
 @click.option("--out", "out_dir", default="cache/demo", type=click.Path(file_okay=False))
-@click.option("--model", default="RN-tiny")
+@click.option("--model", default="mini-clip", help="mini-clip (the shipped checkpoint), or any open_clip ResNet "
+              "name: without --pretrained it runs with seeded random weights.")
 @click.option("--pretrained", type=click.Path(dir_okay=False, exists=True), default=None)
 @device_option
 @click.option("--workers", default=0, type=click.IntRange(min=0))
