@@ -283,10 +283,10 @@ def test_report_names_unreadable_lines_in_one_line(cache_copy, tmp_path):
     out = tmp_path / "r.jsonl"
     assert run("eval", cache_copy, "--method", "zeroshot", "--out", out).exit_code == 0
     with open(out, "a") as fh:
-        fh.write("not json\n" + json.dumps({"method": "x"}) + "\n")
+        fh.write("not json\n" + json.dumps({"method": "x"}) + "\n" + "[" * 100000 + "\n" + "9" * 5000 + "\n")
     res = run("report", out, "--out", tmp_path / "rep", "--no-plots")
     assert res.exit_code == 0 and "Traceback" not in res.output
-    assert "skipped 2 unreadable line(s): line 5 (not JSON), line 6 (no 'key' field)" in res.stderr
+    assert "skipped 4 unreadable line(s): line 5 (not JSON), line 6 (no 'key' field), line 7 (not JSON)" in res.stderr
     one_line_error(run("report", cache_copy, "--out", tmp_path / "rep2"), "HDF5 file, not a results file")
 
 
