@@ -70,15 +70,9 @@ def debug_enabled() -> bool:
 
 def printable(text) -> str:
     """Text safe to print on any terminal: a name's bytes that are not UTF-8 (surrogate escapes) as \\xNN."""
-    s = str(text)
-    try:
-        s.encode("utf-8")
-        return s
-    except UnicodeEncodeError:
-        try:
-            return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        except UnicodeEncodeError:
-            return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    from cachekit.data import _display
+
+    return _display(text)
 
 
 def _first_line(exc: BaseException) -> str:
