@@ -11,6 +11,10 @@ baseline throughput: higher is better for cachekit), and a `table`, rendered as 
 
 Where a baseline is too slow to run in full it is timed on a part and extrapolated linearly; the result
 then says so (`extrapolated: true` and a note), and so does the table.
+
+Benchmarks: 1 refine, 2 grid (re-extraction priced with RN50's timed forward), 3 io, 4 safe, 5 extract,
+6 scale (an ImageNet-shaped rehearsal through the real `extract` with an RN50-shaped stand-in encoder, see
+docs/scale.md), 7 search (the APE search on a device), 8 gpu (every GPU measurement in one run, `make bench-gpu`).
 """
 from __future__ import annotations
 
@@ -1435,24 +1439,27 @@ class _StandInCLIP(torch.nn.Module):
         self.text_noise, self.dim = float(spec["text_noise"]), int(spec["dim"])
         self._protos: dict[int, torch.Tensor] = {}
 
-    def prototype(self, c: int) -> torch.Tensor:
-        """Unit pooled feature of class c's noise-free map (averaged over 4 spatial patterns)."""
-        p = self._protos.get(c)
-        if p is None:
-            st = self.visual.stem
-            d = torch.relu(st.profile(c).view(1, -1, 1) + st.bank[:4].cpu()).mean(dim=0, keepdim=True)
+    def prototypes(self, classes) -> torch.Tensor:
+        """Unit pooled features (len(classes), D) of the classes' noise-free maps (each averaged over 4 spatial
+        patterns), computed 64 classes at a time and kept."""
+        st = self.visual.stem
+        missing = sorted({int(c) for c in classes} - set(self._protos))
+        for i in range(0, len(missing), 64):
+            chunk = missing[i:i + 64]
+            U = torch.stack([st.profile(c) for c in chunk])
+            d = torch.relu(U[:, None, :, None] + st.bank[:4].cpu()[None]).mean(dim=1)
             with torch.no_grad():
-                p = self.visual.attnpool.cpu()(d.view(1, st.cd, st.h, st.w))[0]
-            p = self._protos[c] = torch.nn.functional.normalize(p, dim=-1)
-        return p
+                p = torch.nn.functional.normalize(self.visual.attnpool.cpu()(d.view(len(chunk), st.cd, st.h, st.w)),
+                                                  dim=-1)
+            self._protos.update(zip(chunk, p))
+        return torch.stack([self._protos[int(c)] for c in classes])
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.cpu()
-        out = []
-        for c, s in zip((ids[:, 0] - 1).tolist(), ids[:, 1].tolist()):
-            noise = torch.randn(self.dim, generator=torch.Generator().manual_seed(int(s)))
-            out.append(self.prototype(int(c)) + self.text_noise * noise / math.sqrt(self.dim))
-        return torch.stack(out)
+        cls = (ids[:, 0] - 1).tolist()
+        noise = torch.stack([torch.randn(self.dim, generator=torch.Generator().manual_seed(int(s)))
+                             for s in ids[:, 1].tolist()])
+        return self.prototypes(cls) + self.text_noise * noise / math.sqrt(self.dim)
 
 
 def standin_bundle(spec: dict | None = None, name: str = STANDIN_MODEL, device: str = "cpu"):
@@ -1536,18 +1543,23 @@ def _tree_bytes(paths) -> int:
 
 
 class _DiskWatch:
-    """Samples the disk bytes of some paths every `every` seconds in a thread: (time, bytes) pairs."""
+    """Samples, every `every` seconds in a thread, the disk bytes of some paths and the RSS of process `pid`
+    (when set): (time, disk bytes, RSS bytes or None) triples."""
 
-    def __init__(self, paths, every: float = 0.25):
+    def __init__(self, paths, every: float = 0.25, pid: int | None = None):
         import threading
 
-        self.paths, self.every, self.samples = list(paths), every, []
+        self.paths, self.every, self.samples, self.pid = list(paths), every, [], pid
         self._stop = threading.Event()
         self._th = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self):
+        rss = _proc_status_kib("VmRSS", self.pid) if self.pid else None
+        self.samples.append((time.time(), _tree_bytes(self.paths), None if rss is None else rss * 1024))
+
     def _run(self):
         while not self._stop.is_set():
-            self.samples.append((time.time(), _tree_bytes(self.paths)))
+            self._sample()
             self._stop.wait(self.every)
 
     def __enter__(self):
@@ -1557,11 +1569,7 @@ class _DiskWatch:
     def __exit__(self, *exc):
         self._stop.set()
         self._th.join()
-        self.samples.append((time.time(), _tree_bytes(self.paths)))
-
-    def peak(self, t0: float = 0.0, t1: float = float("inf")) -> int:
-        vals = [b for t, b in self.samples if t0 <= t <= t1]
-        return max(vals) if vals else 0
+        self._sample()
 
 
 _CHILD = "import sys; from cachekit.bench import _scale_child; _scale_child(sys.argv[1])"
@@ -1598,6 +1606,8 @@ def _run_child(job: dict, wd: Path, name: str, watch=None) -> dict:
         t0 = time.time()
         p = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(job)], stdout=lf, stderr=subprocess.STDOUT,
                              env=_child_env())
+        if watch:
+            watcher.pid = p.pid
         try:
             while True:
                 pid, status, ru = os.wait4(p.pid, os.WNOHANG)
@@ -1644,7 +1654,7 @@ class _Worker:
         result = self.wd / f"{name}.json"
         result.unlink(missing_ok=True)
         job = {**job, "result": str(result), "threads": self.threads}
-        watcher = _DiskWatch(watch) if watch else contextlib.nullcontext()
+        watcher = _DiskWatch(watch, pid=self.p.pid) if watch else contextlib.nullcontext()
         with watcher:
             t0 = time.time()
             try:
@@ -1974,6 +1984,23 @@ def _phases(ev: dict) -> dict:
     return out
 
 
+def _rss_by_phase(ev: dict) -> dict:
+    """Peak RSS (sampled every 0.25 s) of an extract process in each of its phases (see `_phases`)."""
+    units = ev.get("units") or []
+    t_enc = ev["steps"].get("extract", ev.get("t_call"))
+    bounds = {"setup": (ev["t_call"], t_enc)}
+    if units:
+        bounds["segments"] = (t_enc, units[-1])
+        if ev.get("t_return"):
+            bounds["assembly"] = (units[-1], ev["t_return"])
+    out = {}
+    for name, (a, b) in bounds.items():
+        vals = [x[2] for x in ev.get("disk", []) if len(x) > 2 and x[2] is not None and a <= x[0] <= b]
+        if vals:
+            out[name] = max(vals)
+    return out
+
+
 def _encoder_micro(root: Path, spec: dict, batch: int, n_batches: int = 3) -> dict:
     """Per-view seconds of: decoding + preprocessing a generated JPEG (Pillow, plain and augmented), the stand-in
     forward, and the float16 conversion `extract` applies to every map (numpy astype; torch's .half() beside it)."""
@@ -2104,7 +2131,7 @@ def bench_scale(classes: int = 1000, shots=(1, 4), views: int = 10, val: int = 2
             full = worker.run(job, "extract-full", watch=watch)
             ph = _phases(full)
             final_bytes = _tree_bytes([out])
-            disk_peak = max(b for _, b in full["disk"])
+            disk_peak = max(x[1] for x in full["disk"])
             with open_cache(out) as c:
                 sums = {p: c.file[p].attrs[S.CHECKSUM] for s in ("train", "val", "test")
                         for p in (S.split_path(s, S.DENSE), S.split_path(s, S.POOLED))}
@@ -2168,12 +2195,14 @@ def bench_scale(classes: int = 1000, shots=(1, 4), views: int = 10, val: int = 2
     res["worker_rss_after_imports_bytes"] = base_rss
     res["raw_write"] = {"bytes": payload, "seconds": t_raw}
     res["extract"] = {"phases": ph, "process_wall_s": full["wall_s"], **mem(full),
+                      "rss_peak_by_phase_bytes": _rss_by_phase(full),
                       "disk_peak_bytes": disk_peak, "disk_extra_during_assembly_bytes": disk_peak - final_bytes,
                       "seconds_per_map_segments": ph["segments"] / n_maps, "seconds_per_map_assembly":
                       ph["assembly"] / n_maps}
     res["resume"] = {"kill_at": kill_at, "killed_after_units": killed.get("killed_after_units"),
                      "units_total": n_units, "segments_left": segs_left, "killed_returncode": killed["returncode"],
                      "killed_process_peak_rss_bytes": killed["peak_rss_bytes"], "killed_phases": ph_k,
+                     "killed_rss_peak_by_phase_bytes": _rss_by_phase(killed),
                      "resume_phases": ph_r, "resume_units_encoded": len(resumed.get("units", [])),
                      "identical_to_uninterrupted": same, **mem(resumed)}
     res["verify"] = {**{k: ver.get(k) for k in ("seconds", "ok", "failed", "page_cache_dropped")}, **mem(ver)}
@@ -2212,7 +2241,8 @@ def bench_scale(classes: int = 1000, shots=(1, 4), views: int = 10, val: int = 2
         ["`extract`: segments + assembly, vs the raw write", _fmt_s(t_cachekit),
          f"{_rate(payload, t_cachekit)} = {_fmt_x(t_raw / t_cachekit)} of raw"],
         ["`extract`: setup (dataset listing, image checks, stand-in build, plan, text)", _fmt_s(ph["setup"]),
-         mem_s(full)],
+         mem_s(full) + "; sampled RSS peak by phase: " + ", ".join(
+             f"{k} {_gb(v)}" for k, v in _rss_by_phase(full).items())],
         ["disk: peak during the run (segments + cache being assembled)", _gb(disk_peak),
          f"extra during assembly: {_gb(disk_peak - final_bytes)} over the final {_gb(final_bytes)}"],
         [f"SIGKILL after {killed.get('killed_after_units')}/{n_units} units published ({kill_at:.0%}), then the same "

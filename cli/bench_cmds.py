@@ -128,6 +128,11 @@ def refine_cmd(**kw):
 @click.option("--check-n", default="6,4,4", callback=_shape, help="(b) reduced grid (n_beta,n_alpha,n_gamma) for the same-pick check.")
 @click.option("--ape-configs", default=100, type=click.IntRange(min=1),
               help="(c) APE sweep configurations (10 Q values x 10 criterion weight pairs at most).")
+@click.option("--reextract-model", default="RN50",
+              help="Model whose extraction a re-extract-per-configuration baseline pays: its forward is timed on a "
+                   "sample and extrapolated (the cache's own --model is measured too, as a second row).")
+@click.option("--reextract-sample", default=8, type=click.IntRange(min=1),
+              help="Images the --reextract-model forward is timed on.")
 @click.option("--seed", default=0, type=int)
 @_common
 def grid_cmd(**kw):

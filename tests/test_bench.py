@@ -422,3 +422,34 @@ def test_cli_unwritable_out_and_docs_give_one_line_errors(tmp_path):
         assert res.exit_code == 1 and "Traceback" not in res.output
         err = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert err == [err[0]] and err[0].startswith("Error:") and needle in err[0], res.stderr
+
+
+# ----------------------------------------------------------------------------------------------- found by the rehearsal
+# Problems `bench scale` found in files this test file does not own; strict xfails, so each turns into a failure
+# (remove the marker) once it is fixed. See docs/scale.md, "What the rehearsal found".
+@pytest.mark.xfail(strict=True, reason="cachekit.schema.iter_blocks cuts along the first axis only: a train "
+                   "dense dataset (V+1, N, Cd, H, W) comes out one whole view per block (N maps: 0.8 GB at 4,000 "
+                   "images, 3.2 GB at ImageNet 16-shot), which verify and the open-time checksum then copy")
+def test_iter_blocks_bounds_its_blocks_on_train_dense_shapes(tmp_path):
+    import h5py
+
+    from cachekit import schema as S
+
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        ds = f.create_dataset("d", shape=(2, 64, 16), dtype="float32", chunks=(1, 1, 16))
+        ds[...] = np.arange(2 * 64 * 16, dtype=np.float32).reshape(2, 64, 16)
+        blocks = list(S.iter_blocks(ds, block_bytes=1024))
+        assert np.array_equal(np.concatenate([b.reshape(-1) for b in blocks]), ds[()].reshape(-1))
+    assert max(b.nbytes for b in blocks) <= 1024  # now: 4096 (one row of the first axis)
+
+
+@pytest.mark.xfail(strict=True, reason="cachekit/__init__.py defines extract(**options) as the Python API, but "
+                   "importing the submodule cachekit.extract (every CLI command, bench, the runner's users) replaces "
+                   "that attribute with the module: cachekit.extract(...) then raises TypeError")
+def test_python_api_extract_survives_importing_the_module():
+    import importlib
+
+    import cachekit
+
+    importlib.import_module("cachekit.extract")
+    assert callable(cachekit.extract)
