@@ -11,7 +11,7 @@ def open_cache(path):
 
 
 def extract(**options):
-    """Python API of `cachekit extract`: keyword arguments as in cachekit.extract.ExtractOptions."""
-    from .extract import ExtractOptions, extract as _extract
+    """Python API of `cachekit extract`: keyword arguments as in cachekit.extraction.ExtractOptions."""
+    from .extraction import ExtractOptions, extract as _extract
 
     return _extract(ExtractOptions(**options))

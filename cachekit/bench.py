@@ -252,7 +252,7 @@ def _make_images(root: Path, layout: dict[str, int], classes: int, size=(96, 72)
 def _write_dense_cache(path: Path, dense_batches, n: int, shape: tuple, dtype: str = "float16",
                        labels=None, split: str = "val") -> Path:
     """A minimal file that `Cache(..., check=False)` reads, holding one split's dense maps with exactly the writer's
-    dataset layout (cachekit.extract._assemble: chunk = one map, no compression, no filters)."""
+    dataset layout (cachekit.extraction._assemble: chunk = one map, no compression, no filters)."""
     import h5py
 
     with h5py.File(path, "w") as f:
@@ -489,7 +489,7 @@ def bench_grid(shots: int = 16, classes: int = 100, val: int = 1000, configs: in
     cache needs its one extraction too); the measured extraction with `model` (the tiny model the cache is
     built with here) gives the second set of rows and ratios (`*_tiny_model`)."""
     from .cache import open_cache
-    from .extract import ExtractOptions, extract
+    from .extraction import ExtractOptions, extract
     from .methods import ape
     from .methods.grids import alpha_grid, beta_grid, gamma_grid
     from .methods import zeroshot
@@ -1160,7 +1160,7 @@ def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", ba
     preprocessed batches, in one run; decode "both" times extract with Pillow and with device decoding."""
     from .augment import AugmentedView, plain_transform
     from .data import load_image
-    from .extract import ExtractOptions, extract
+    from .extraction import ExtractOptions, extract
     from .models import load_model
 
     device = _check_device(device)
@@ -1254,7 +1254,7 @@ def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", ba
         f"{model} with random weights on {device}, batch {batch_size}, {workers} DataLoader worker(s); "
         f"{n_train} train + {n_val} val generated JPEGs ({classes} classes), val is test; "
         f"extract decoding: {decodes[0]}" + (" (first row), then device" if decode == "both" else "") + ".",
-        "Full extract = wall time of `cachekit.extract.extract`: model construction, text encoding, decoding every "
+        "Full extract = wall time of `cachekit.extraction.extract`: model construction, text encoding, decoding every "
         "train image once more to check it, encoding, HDF5 segments and assembly. Bare = `encode_image` alone on "
         "tensors preprocessed beforehand (same images, same preprocessing, same batch size, one warm-up batch "
         "first). Target on GPU: >= 0.9.",
@@ -1265,8 +1265,8 @@ def bench_extract(model: str = "RN50", images: int = 64, device: str = "cpu", ba
 # --------------------------------------------------------------------------------------------- 6. scale
 # A stand-in encoder with RN50's shapes (dense 2048x7x7, pooled 1024, 32 heads) that costs almost nothing, so
 # `bench scale` measures cachekit (writer, segments, assembly, publish, verify, readers, methods) and not the
-# CPU's convolutions. It is plugged into the real `cachekit.extract` through the module's model loader
-# (`cachekit.extract.load_model`, see `standin_installed`); everything else runs unchanged.
+# CPU's convolutions. It is plugged into the real `cachekit.extraction` through the module's model loader
+# (`cachekit.extraction.load_model`, see `standin_installed`); everything else runs unchanged.
 #
 # How it makes maps: the generated images carry their class in their mean colour (10 levels per channel, so up
 # to 1000 classes; per-pixel noise on top), which survives decoding, resizing, RandomResizedCrop and flips. For
@@ -1487,15 +1487,15 @@ def standin_bundle(spec: dict | None = None, name: str = STANDIN_MODEL, device: 
 
 @contextlib.contextmanager
 def standin_installed(spec: dict | None = None):
-    """While active, `cachekit.extract` builds the stand-in encoder instead of an open_clip model.
+    """While active, `cachekit.extraction` builds the stand-in encoder instead of an open_clip model.
 
-    The seam is the extract module's model loader (`cachekit.extract.load_model`, called once per run by
+    The seam is the extract module's model loader (`cachekit.extraction.load_model`, called once per run by
     `_Job.prepare`); nothing else of the extraction is touched. Restored on exit."""
     import importlib
 
-    X = importlib.import_module(".extract", __package__)  # the module (the package's `extract` is a function)
+    X = importlib.import_module(".extraction", __package__)  # the module (the package's `extract` is a function)
     if not callable(getattr(X, "load_model", None)):
-        raise CachekitError("internal: cachekit.extract has no load_model seam for the stand-in encoder; "
+        raise CachekitError("internal: cachekit.extraction has no load_model seam for the stand-in encoder; "
                             "fix: update cachekit.bench.standin_installed")
     orig = X.load_model
 
@@ -1731,7 +1731,7 @@ def _scale_worker():
     import importlib
 
     import open_clip  # noqa: F401  imported once here, as a command imports it before its work
-    for mod in ("extract", "runner", "verify", "info"):
+    for mod in ("extraction", "runner", "verify", "info"):
         importlib.import_module(f".{mod}", __package__)
     sys.stdout.write(f"READY {(_proc_status_kib('VmRSS') or 0) * 1024}\n")
     sys.stdout.flush()
@@ -1754,7 +1754,7 @@ def _scale_worker():
 def _child_extract(job, ev):
     import signal
 
-    from .extract import ExtractOptions, extract
+    from .extraction import ExtractOptions, extract
 
     ev.update(steps={}, units=[], extract_initial=None)
     kill_at = job.get("kill_at")

@@ -370,8 +370,15 @@ class DenseSource:
         shape = self.cache.dense_shape
         return len(self) * int(np.prod(shape)) * 4
 
-    def load(self) -> torch.Tensor:
-        return self.get(np.arange(len(self)))
+    def load(self, block_bytes: int = 64 << 20) -> torch.Tensor:
+        """Every map as one float32 tensor, read a block at a time so the peak is the result plus one block
+        (not the result plus a float16 copy of it)."""
+        shape = tuple(self.cache.dense_shape)
+        out = torch.empty((len(self),) + shape, dtype=torch.float32)
+        step = max(1, block_bytes // (4 * int(np.prod(shape))))
+        for i in range(0, len(self), step):
+            out[i:i + step] = self.get(np.arange(i, min(i + step, len(self))))
+        return out
 
 
 def open_cache(path) -> Cache:

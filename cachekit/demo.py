@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cache import open_cache
-from .extract import ExtractOptions, extract
+from .extraction import ExtractOptions, extract
 from .progress import Progress
 from .records import read_results
 from .report import build_report

@@ -1,6 +1,6 @@
 """The cache schema, declared once: every group, dataset and attribute of a cachekit cache.
 
-Everything that touches the HDF5 layout uses this module: the writer (`cachekit.extract`), the reader
+Everything that touches the HDF5 layout uses this module: the writer (`cachekit.extraction`), the reader
 (`cachekit.cache`), `cachekit.verify`, `cachekit.info`, and docs/cache-format.md (its layout table is
 generated from :data:`FIELDS` and `tests/test_cache_format.py` keeps the two equal):
 
@@ -575,8 +575,8 @@ def read_attrs(obj, lenient: bool = False) -> dict:
 # ------------------------------------------------------------------------------------------------ #
 class Checksum:
     """sha256 of a dataset: a header with the dtype and shape, then the contents in C order, fed in
-    blocks along the first axis. Numbers as little-endian bytes of the stored dtype; strings (however
-    stored) as UTF-8, each preceded by its length (8 bytes, little-endian)."""
+    blocks (any cut in C order gives the same digest). Numbers as little-endian bytes of the stored dtype;
+    strings (however stored) as UTF-8, each preceded by its length (8 bytes, little-endian)."""
 
     VERSION = "cachekit-sha256/1"
 
@@ -607,14 +607,22 @@ def array_checksum(data, dtype=None) -> str:
 
 
 def iter_blocks(ds: h5py.Dataset, block_bytes: int = 8 << 20) -> Iterator[np.ndarray]:
-    """A dataset's contents in C order, as blocks of rows of about `block_bytes`."""
-    if ds.ndim == 0 or ds.shape[0] == 0:
+    """A dataset's contents in C order, as blocks of at most `block_bytes` (at least one element). The cut descends through leading axes, so a (V, N, C, H, W) train map is read a
+    few maps at a time, never one whole view (which is gigabytes at ImageNet size)."""
+    if ds.ndim == 0 or 0 in ds.shape:
         yield np.asarray(ds[()])
         return
-    row = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:])))
+    shape, item = ds.shape, ds.dtype.itemsize
+    # The first axis d whose rows (everything after it) fit in a block; the axes before it are walked one index
+    # at a time, axis d in steps of as many rows as fit.
+    d = 0
+    while d < ds.ndim - 1 and item * int(np.prod(shape[d + 1:])) > block_bytes:
+        d += 1
+    row = max(1, item * int(np.prod(shape[d + 1:])))
     step = max(1, block_bytes // row)
-    for i in range(0, ds.shape[0], step):
-        yield ds[i:i + step]
+    for prefix in np.ndindex(*shape[:d]):
+        for i in range(0, shape[d], step):
+            yield ds[prefix + (slice(i, i + step),)]
 
 
 def dataset_checksum(ds: h5py.Dataset) -> str:

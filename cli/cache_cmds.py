@@ -54,7 +54,7 @@ def extract(data, as_json, quiet, **kw):
     Several GPUs or nodes (shared filesystem): torchrun --nproc-per-node N -m cachekit extract ...
     Each rank encodes its share of the batches; rank 0 assembles the one cache.
     """
-    from cachekit.extract import ExtractOptions, extract as run
+    from cachekit.extraction import ExtractOptions, extract as run
 
     view = progress_view(quiet, as_json)
     try:

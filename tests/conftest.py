@@ -12,7 +12,7 @@ from cachekit.synthetic import make_tree  # noqa: E402,F401  (tests import it fr
 
 
 def extract_opts(data, out, **kw):
-    from cachekit.extract import ExtractOptions
+    from cachekit.extraction import ExtractOptions
 
     base = dict(data=str(data), out=str(out), model="RN-tiny", shots=(1, 2), seeds=(1, 2), views=2,
                 batch_size=4, dense_dtype="float32")
@@ -28,7 +28,7 @@ def tree(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, tree) -> Path:
     """A float32 RN-tiny cache of `tree`: 3 classes, shots 1,2, seeds 1,2, 2 augmented views."""
-    from cachekit.extract import extract
+    from cachekit.extraction import extract
 
     out = tmp_path_factory.mktemp("cache") / "tiny.h5"
     extract(extract_opts(tree, out))

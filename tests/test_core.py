@@ -265,7 +265,7 @@ def test_report_keeps_configurations_apart_and_names_the_best_on_val(cache_copy,
 def test_report_never_merges_two_caches_that_share_a_name(tiny_cache, tmp_path):
     from conftest import extract_opts, make_tree
 
-    from cachekit.extract import extract
+    from cachekit.extraction import extract
 
     a, b = tmp_path / "a" / "pets.h5", tmp_path / "b" / "pets.h5"
     shutil.copy(tiny_cache, a.parent.mkdir() or a)

@@ -16,7 +16,7 @@ import torch
 
 from cachekit.cache import open_cache
 from cachekit.errors import CachekitError
-from cachekit.extract import extract
+from cachekit.extraction import extract
 from conftest import extract_opts, make_tree
 
 
@@ -146,7 +146,7 @@ _DELAY_SITECUSTOMIZE = """\
 import os, time
 _delay = float(os.environ.get("CACHEKIT_UNIT_DELAY", "0") or 0)
 if _delay:
-    import cachekit.extract as _ex
+    import cachekit.extraction as _ex
 
     _post_init = _ex.ExtractOptions.__post_init__
 
@@ -370,7 +370,7 @@ def test_device_jpeg_decoding(tmp_path):
 
     from cachekit.augment import plain_transform
     from cachekit.data import load_image
-    from cachekit.extract import _device_plain, _Rows
+    from cachekit.extraction import _device_plain, _Rows
     from cachekit.models import dense_and_pooled, load_model
 
     tree = make_tree(tmp_path / "data", classes=3, per_class=6, size=(53, 41), ext="jpg")

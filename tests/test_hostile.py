@@ -319,7 +319,7 @@ def test_damaged_plan_of_an_unfinished_run(flat, tmp_path):
 
 
 def test_resource_guards_name_the_limit(flat, tmp_path, monkeypatch):
-    import cachekit.extract as E
+    import cachekit.extraction as E
 
     run = H.invoke(["extract", flat, *EXTRACT, "--workers", "100000", "--out", tmp_path / "o.h5"])
     one_line_error(run, "--workers 100000", "out of range")
@@ -346,13 +346,13 @@ def test_huge_image_checked_against_available_memory(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------- #
 def _plant(monkeypatch):
     import cachekit.data
-    import cachekit.extract
+    import cachekit.extraction
 
     def boom(*a, **k):
         raise RuntimeError("planted failure")
 
     monkeypatch.setattr(cachekit.data, "load_dataset", boom)
-    monkeypatch.setattr(cachekit.extract, "load_dataset", boom)
+    monkeypatch.setattr(cachekit.extraction, "load_dataset", boom)
 
 
 def test_unexpected_exception_is_one_line_with_a_debug_hint(flat, tmp_path, monkeypatch):
@@ -436,7 +436,7 @@ def test_harness_classifies_data_loss_and_hangs(tmp_path, monkeypatch):
     assert H.lost(before, H.snapshot(tmp_path), append_only=[tmp_path / "rows.jsonl"])[-1].startswith("changed")
 
     import cachekit.data
-    import cachekit.extract
+    import cachekit.extraction
 
     os.mkfifo(tmp_path / "fifo")
 
@@ -445,7 +445,7 @@ def test_harness_classifies_data_loss_and_hangs(tmp_path, monkeypatch):
             fh.read()
 
     monkeypatch.setattr(cachekit.data, "load_dataset", blocks)
-    monkeypatch.setattr(cachekit.extract, "load_dataset", blocks)
+    monkeypatch.setattr(cachekit.extraction, "load_dataset", blocks)
     run = H.invoke(["extract", tmp_path, *EXTRACT, "--out", tmp_path / "o.h5"], timeout=2)
     assert run.hang
 

@@ -62,14 +62,14 @@ def test_child_unit_delay_through_on_unit(tmp_path):
     import sys
 
     env = R.hook_env(tmp_path / "events", CACHEKIT_FAULT_UNIT_DELAY=0.3)
-    code = ("import time\nfrom cachekit.extract import ExtractOptions\nseen = []\n"
+    code = ("import time\nfrom cachekit.extraction import ExtractOptions\nseen = []\n"
             "o = ExtractOptions(data='d', out='o.h5', on_unit=seen.append)\n"
             "t = time.monotonic(); o.on_unit({'published': 1}); dt = time.monotonic() - t\n"
             "assert seen == [{'published': 1}] and dt >= 0.3, (seen, dt)\n"
             "assert ExtractOptions(data='d', out='o.h5').on_unit is not None\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "not installed" not in r.stderr, r.stderr
-    src = (Path(R.resolve("cachekit.extract")[2].__file__)).read_text()
+    src = (Path(R.resolve("cachekit.extraction")[2].__file__)).read_text()
     assert "CACHEKIT_UNIT_DELAY" not in src
 
 

@@ -40,7 +40,7 @@ def test_streaming_equals_in_memory_with_bounded_memory(tmp_path, tree, monkeypa
     get = DenseSource.get
     monkeypatch.setattr(DenseSource, "get", lambda self, idx: (reads.append(len(np.atleast_1d(idx))), get(self, idx))[1])
     monkeypatch.setattr(DenseSource, "load", lambda self: (_ for _ in ()).throw(AssertionError("loaded whole")))
-    from cachekit.extract import extract
+    from cachekit.extraction import extract
     from conftest import extract_opts
 
     path = tmp_path / "many_views.h5"

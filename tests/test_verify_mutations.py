@@ -16,7 +16,7 @@ from cachekit import schema as S
 from cachekit.cache import Cache
 from cachekit.cli.main import cli
 from cachekit.errors import CachekitError
-from cachekit.extract import extract
+from cachekit.extraction import extract
 from cachekit.info import describe
 from conftest import extract_opts, make_tree
 

@@ -1704,7 +1704,7 @@ def fixed_cases() -> list[Case]:
         child=True))
     boom = ("import cachekit.data as D\n"
             "def boom(*a, **k):\n    raise RuntimeError('planted failure')\n"
-            "D.load_dataset = boom\nimport cachekit.extract as E\nE.load_dataset = boom\n")
+            "D.load_dataset = boom\nimport cachekit.extraction as E\nE.load_dataset = boom\n")
     cases.append(Case("process", "an unexpected exception (planted): one internal-error line", lambda f, b: [
         "extract", tree(f / "data"), *EXTRACT, "--out", f / "out.h5"], "error", ("internal error", "--debug"),
         child=True, prelude=boom, planted=True))

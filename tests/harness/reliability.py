@@ -84,10 +84,10 @@ PATCH_POINTS: dict[str, tuple[str, str, str]] = {
                  "fit(..., callback=cb) calls cb(dict with 'epoch') after each epoch: logs `epoch N`, delays"),
     "runner_run": ("cachekit.runner", "Runner.run",
                    "`cachekit sweep` calls it once per row, after the previous row is written: delays, pauses"),
-    "extract_options": ("cachekit.extract", "ExtractOptions.__post_init__",
+    "extract_options": ("cachekit.extraction", "ExtractOptions.__post_init__",
                         "dataclass hook run by every ExtractOptions(...): the wrapper chains a sleeping callback "
                         "onto its documented `on_unit` (called after each published unit)"),
-    "extract_publish": ("cachekit.extract", "publish",
+    "extract_publish": ("cachekit.extraction", "publish",
                         "in-process only (check_overwrite_resume): counts the seg-*.h5 a rerun encodes; extract "
                         "must look the name up in its module at call time"),
 }

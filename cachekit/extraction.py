@@ -604,7 +604,6 @@ def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_i
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[u[4] for u in todo], collate_fn=_collate,
                                          num_workers=opts.workers, pin_memory=cuda)
     it = iter(loader)  # workers fork here, before the writer thread touches h5py
-    dense_dtype = np.dtype(opts.dense_dtype)
     visual = bundle.visual
     if cuda:
         visual = visual.to(memory_format=torch.channels_last)
@@ -658,7 +657,8 @@ def _encode_units(opts, parts, spec, bundle, entries, todo, done_images, total_i
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 dense, pooled = dense_and_pooled(visual, x)
-            dense = dense.float().cpu().numpy().astype(dense_dtype, copy=False)
+            # torch casts to float16 bit-identically to numpy and ~15x faster; on CUDA it also halves the copy.
+            dense = dense.to(getattr(torch, opts.dense_dtype)).cpu().numpy()
             if not np.isfinite(dense).all():
                 raise CachekitError(f"dense maps of {split} view {view} are not finite in {opts.dense_dtype}; "
                                     "fix: rerun with --dense-dtype float32")
