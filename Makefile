@@ -43,7 +43,11 @@ bench-scale: $(STAMP)
 	$(VENV)/bin/cachekit bench scale --classes 1000 --shots 1,2 --views 10 --val 2000 --test 10000 --ape-curve 1000x1000 --threads 1 --docs docs/scale.md --docs-section scale-medium
 	$(VENV)/bin/cachekit bench scale --classes 1000 --shots 1,4 --views 10 --val 2000 --test 10000 --ape-curve 100x1000,1000x500,1000x1000,1000x2000 --threads 1 --docs docs/scale.md --docs-section scale-large
 
-.PHONY: bench-gpu bench-scale
+# Wheels the GPU machine lacks (tools/device_bench_gpu.sh installs them there); .whl/ is git-ignored.
+wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .whl open_clip_torch==$$($(PY) -c "import importlib.metadata as m; print(m.version('open_clip_torch'))") ftfy==$$($(PY) -c "import importlib.metadata as m; print(m.version('ftfy'))") wcwidth==$$($(PY) -c "import importlib.metadata as m; print(m.version('wcwidth'))")
+
+.PHONY: bench-gpu bench-scale wheels
 
 # Retrain the shipped mini-CLIP (docs/mini-clip.md): needs `apt-get install -y openclipart-png`; 15-30 min on 2 CPU cores.
 mini-clip: $(STAMP)
