@@ -97,6 +97,12 @@ def main(argv=None):
                 add("Tip-Adapter-F alone", k, main["tipf", k, s]["metrics"]["test_acc"])
         weights, build = c.weights_label, runner.build
         counts = {sp: c.num_images(sp) for sp in ("train", "val", "test")}
+        # The pictures the papers argue with, from this cache (what `cachekit report --figures` draws).
+        from cachekit.figures import make_figures
+
+        figs = make_figures(c, work / "figures", k=max(shots), seed=seeds[0], q=q)
+        for name in ("ape", "safe"):
+            Path(figs[name]["png"]).replace(out.parent / f"{out.stem}-{name}.png")
     # At the largest K every train image of the demo set is a shot (16 per class), so the few-shot seeds draw the
     # same set; what varies is which images are val and which are test. One cache per split seed shows that spread.
     splits = [int(x) for x in args.splits.split(",") if x]
@@ -145,6 +151,20 @@ def main(argv=None):
         "channels: a seeded random choice of Q channels, searched with the same grid.", "",
         render_table(["variant"] + [f"{k}-shot" for k in shots],
                      [[name] + [mean_std(by.get(k, [])) for k in shots] for name, by in abl.items()]), "",
+    ]
+    st = figs["ape"]["stats"]
+    lines += [
+        f"## Pictures ({max(shots)} shots, seed {seeds[0]}, split 1)", "",
+        f"APE's refinement (Q = {q} of {D}): mean inter-class similarity {st['all']['inter_class']:.3f} on all channels, "
+        f"{st['refined']['inter_class']:.3f} on the refined ones; val image-text similarity to the own class "
+        f"{st['all']['image_text_own']:.3f} -> {st['refined']['image_text_own']:.3f}, to other classes "
+        f"{st['all']['image_text_other']:.3f} -> {st['refined']['image_text_other']:.3f}. Right: APE's accuracy vs Q "
+        "(β, α, γ on val over a coarser grid than the default, so the points can differ from the tables).", "",
+        f"![APE refinement]({out.stem}-ape.png)", "",
+        f"SAFE: token 0's attention over the 3x3 map for the first val image of each of the first four classes, frozen layer vs the layer SAFE "
+        f"fine-tuned; it moved {figs['safe']['attention_shift']:.3f} of its spatial mass on average (half the L1 "
+        "distance between the two maps).", "",
+        f"![SAFE attention]({out.stem}-safe.png)", "",
     ]
     if by_split:
         def acc(m, sp, key="test_acc"):
