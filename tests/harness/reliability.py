@@ -874,13 +874,20 @@ class Trial:
                 + ("survived" if self.survived else "; ".join(self.problems) or "not killed"))
 
 
+def _sigint_default():
+    # A shell starts background jobs with SIGINT ignored and children inherit that; the victim stands for a
+    # command in a terminal, where Ctrl-C reaches it, whatever way the harness itself was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Victim:
     """A `python -m cachekit ...` child in its own session (so a signal can go to its group)."""
 
     def __init__(self, args, env, log: Path):
         self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "cachekit", *map(str, args)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
+                                     stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True,
+                                     preexec_fn=_sigint_default)
 
     def wait_until(self, predicate, timeout=TIMEOUT_S) -> bool:
         t0 = time.monotonic()
