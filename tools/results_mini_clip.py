@@ -132,7 +132,7 @@ def main(argv=None):
     best16 = max((np.mean(series[m][max(shots)]), m) for m in series if m != "zeroshot")
     lines = [
         "# Results on the mini-CLIP (held-out Open Clip Art)", "",
-        f"Written by `.venv/bin/python tools/results_mini_clip.py --out {args.out}` on "
+        f"Written by `make results-mini-clip` (`tools/results_mini_clip.py --out {args.out}`) on "
         f"{dt.date.today().isoformat()} ({platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"this run {time.time() - t0:.0f} s, resumed runs reuse stored results; the main table's methods took "
         f"{t_main:.0f} s). Model: {weights}.", "",
