@@ -218,6 +218,23 @@ def test_readme_use_flow_runs_as_printed_on_a_tiny_cache(tiny_cache, tmp_path, m
     assert (tmp_path / "report" / "report.md").is_file()
 
 
+def test_readme_python_block_runs_as_printed_on_a_tiny_tree(tree, tmp_path, monkeypatch, capsys):
+    """The README's Python block, with the tiny model and a tiny tree instead of RN50 + checkpoint and DATA."""
+    text = (ROOT / "README.md").read_text()
+    code = text.split("\nPython:\n", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    subs = [('data="DATA"', f'data="{tree}"'),
+            ('model="RN50", pretrained="RN50.pt"', 'model="RN-tiny", shots=(1, 2), views=2, batch_size=4'),
+            ("k=16", "k=2"), ('run("ape", 16, 1,', 'run("ape", 2, 1,')]
+    for old, new in subs:
+        assert old in code, old  # the README still says what this test replaces
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").mkdir()
+    exec(compile(code, "README.md", "exec"), {})
+    metrics = eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(metrics) == {"val_acc", "test_acc"}
+
+
 # ------------------------------------------------------------------------------ fit-safe and eval agree
 def test_fit_safe_then_eval_trains_once(cache_copy, monkeypatch):
     from cachekit.methods import safe
