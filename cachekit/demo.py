@@ -36,8 +36,9 @@ def run_demo(out_dir="cache/demo", model=MINI_CLIP, pretrained=None, shots=(1, 2
         q = max(1, c.embed_dim // 2)
         ref = refine_stored(c, q)  # every few-shot set; eval's APE picks these up (channels=auto)
         runner = Runner(c, device=device, progress=progress)
-        records = evaluate(c, list(methods), overrides=DEMO_OVERRIDES, progress=progress, out=results,
-                           runner=runner)
+        # APE-T's text-only refinement is not the stored one: give it the same Q (its default 500 would be clipped).
+        overrides = {**DEMO_OVERRIDES, "apet": {**DEMO_OVERRIDES["apet"], "top_k": q}}
+        records = evaluate(c, list(methods), overrides=overrides, progress=progress, out=results, runner=runner)
         weights = c.weights_label
         build = runner.build
     # The report covers this build of the demo cache only (results of an earlier build stay in the file).

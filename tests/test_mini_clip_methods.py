@@ -87,3 +87,21 @@ def test_feature_and_logit_blends_predict_alike():
         # ... while the logits themselves differ (so the test would see a blend mode that is ignored)
         assert not torch.allclose(blended_logits(f_ft, f_or, W, beta, "feature"),
                                   blended_logits(f_ft, f_or, W, beta, "logit"))
+
+
+def test_demo_runs_the_mini_clip_end_to_end(tmp_path):
+    # The README's first command in small: the shipped checkpoint on the held-out clip art, every method, a report.
+    from cachekit.demo import DEMO_METHODS, run_demo
+
+    res = run_demo(out_dir=tmp_path / "demo", shots=(2,), seeds=(1,), views=1)
+    assert res["weights"].startswith("cachekit mini-CLIP trained on Open Clip Art (not OpenAI CLIP)")
+    recs = res["records"]
+    assert sorted(r["method"] for r in recs) == sorted(DEMO_METHODS)
+    assert all(not r["random_weights"] for r in recs)
+    # APE reads refine's stored channels; neither APE nor APE-T needs its Q clipped (no notes at all)
+    by = {r["method"]: r for r in recs}
+    assert by["ape"]["config"]["channels"] == "stored" and by["ape"]["config"]["top_k"] == 64
+    assert by["apet"]["config"]["top_k"] == 64
+    assert [r["method"] for r in recs if r.get("extra", {}).get("notes")] == []
+    assert by["zeroshot"]["metrics"]["test_acc"] >= 3 * CHANCE
+    assert (tmp_path / "demo" / "report" / "report.md").is_file()
