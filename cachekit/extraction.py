@@ -48,7 +48,8 @@ from .templates import resolve_templates
 
 DENSE_DTYPES = S.DENSE_DTYPES
 # The parts folder's own small files (not the cache; see cachekit.schema for that): a segment holds one
-# unit's maps, pooled features and bad-image reasons; text.h5 the text embeddings; plan.json the identity.
+# unit's maps, pooled features and bad-image reasons; text.h5 the text embeddings; plan.json the identity;
+# sample.json the few-shot sets the image check gave (a resume skips the check).
 _SEG_DENSE, _SEG_POOLED, _SEG_BAD = "dense", "pooled", "bad"
 _TEXT_EMB, _TEXT_TRUNCATED = "embeddings", "truncated_prompts"
 _PLAN_IDENTITY = "identity"
@@ -287,6 +288,37 @@ def _sample_sets(spec, opts: ExtractOptions, progress: Progress | None):
         alive = np.asarray([i for i in alive if i not in drop], dtype=np.int64)
 
 
+def _save_sample(path: Path, ident: dict, sets, train_rows, bad_train) -> None:
+    """OUT.parts/sample.json: the few-shot sets the checked train images gave, so a resumed run skips the check
+    (minutes at ImageNet size). Per-process temporary name: torchrun ranks may write it at once."""
+    obj = {_PLAN_IDENTITY: ident, "train_rows": [int(i) for i in train_rows], "bad_train": dict(bad_train),
+           "sets": [[int(k), int(s), [int(i) for i in pos], [int(c) for c in repl]]
+                    for (k, s), (pos, repl) in sets.items()]}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj), encoding="utf-8")
+    publish(tmp, path)
+
+
+def _load_sample(path: Path, ident: dict, opts: ExtractOptions, n_train: int):
+    """The stored sets when they were made for exactly this identity (dataset fingerprint included) and are
+    well-formed; else None, and the images are checked again."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(obj, dict) or obj.get(_PLAN_IDENTITY) != ident:
+            return None
+        sets = {(int(k), int(s)): (np.asarray(pos, dtype=np.int64), [int(c) for c in repl])
+                for k, s, pos, repl in obj["sets"]}
+        rows = np.asarray(obj["train_rows"], dtype=np.int64)
+        bad = {str(p): str(r) for p, r in obj["bad_train"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    every = [rows] + [pos for pos, _ in sets.values()]
+    if set(sets) != {(k, s) for k in opts.shots for s in opts.seeds} or any(
+            a.ndim != 1 or (a.size and (a.min() < 0 or a.max() >= n_train)) for a in every):
+        return None
+    return sets, rows, bad
+
+
 def _identity(opts, spec, bundle, templates) -> dict:
     """Everything that changes a cache's contents; a rerun must match it exactly to resume."""
     return {
@@ -501,7 +533,11 @@ class _Job:
             return {"cache": str(out), "status": "already complete", "weights": bundle.weights_label}
 
         spec = self.spec
-        self.sets, self.train_rows, self.bad_train = _sample_sets(spec, opts, opts.progress)
+        sample_path = parts / "sample.json"
+        stored = (_load_sample(sample_path, ident, opts, len(spec.splits["train"]))
+                  if (parts / "plan.json").exists() else None)
+        self.sample_reused = stored is not None
+        self.sets, self.train_rows, self.bad_train = stored or _sample_sets(spec, opts, opts.progress)
         row_items = {"train": [spec.splits["train"][i] for i in self.train_rows], "val": spec.splits["val"]}
         if not spec.val_is_test:
             row_items["test"] = spec.splits["test"]
@@ -529,6 +565,9 @@ class _Job:
             with os_errors(str(parts)):
                 parts.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(plan_path, {_PLAN_IDENTITY: ident, "batch_size": B, "cachekit_version": __version__})
+        if not self.sample_reused:
+            with os_errors(str(parts)):
+                _save_sample(sample_path, ident, self.sets, self.train_rows, self.bad_train)
         self.units, self.entries = [], []
         for split, items in row_items.items():
             for view in range(opts.views + 1 if split == "train" else 1):

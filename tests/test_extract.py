@@ -135,6 +135,32 @@ def test_resume_after_in_process_stop(tmp_path, tree):
     assert not (tmp_path / "out.h5.parts").exists()
 
 
+def test_resume_reuses_the_checked_sample_and_rechecks_when_it_is_damaged(tmp_path, tree, monkeypatch):
+    """A resumed run takes the few-shot sets from OUT.parts/sample.json instead of decoding every sampled train
+    image again; a damaged or foreign sample.json is ignored and the images are checked again."""
+    import cachekit.extraction as X
+
+    ref = tmp_path / "ref.h5"
+    extract(extract_opts(tree, ref))
+    checked = []
+    real = X.check_image
+    monkeypatch.setattr(X, "check_image", lambda p: (checked.append(p), real(p))[1])
+    for i, damage in enumerate((None, "{not json", json.dumps({"identity": {"model": "other"}}))):
+        out = tmp_path / f"out-{i}.h5"
+        parts = Path(f"{out}.parts")
+        with pytest.raises(_Stop):
+            extract(extract_opts(tree, out, on_unit=_stop_after(2, [])))
+        first = len(checked)
+        stored = json.loads((parts / "sample.json").read_text())
+        assert first > 0 and len(stored["train_rows"]) == first  # every image of the union checked once
+        if damage is not None:
+            (parts / "sample.json").write_text(damage)
+        extract(extract_opts(tree, out))
+        assert len(checked) - first == (0 if damage is None else first)
+        _assert_same_arrays(ref, out)
+        checked.clear()
+
+
 def _cli(*args, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     return [sys.executable, "-m", "cachekit", *args], env
