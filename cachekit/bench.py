@@ -1840,9 +1840,10 @@ def _child_safe(job, ev):
         task = CacheTask(c, k, 1, device=device, max_memory=mm)
         t0 = time.perf_counter()
         src, labels = task.train_dense()
-        if not isinstance(src, safe.TensorSource):  # the set does not fit: its first maps that do
-            n_fit = max(1, min(len(src), mm // per_map))
-            src, labels = safe.TensorSource(src.get(np.arange(n_fit))), labels[:n_fit]
+        if not isinstance(src, safe.TensorSource):  # the set does not fit: its first maps that do (as CacheTask
+            # holds them: in the cache's dtype)
+            n_fit = max(1, min(len(src), mm // (src.stored_nbytes // len(src))))
+            src, labels = safe.TensorSource(torch.from_numpy(src.read_stored(np.arange(n_fit)))), labels[:n_fit]
             ev["sliced"] = True
         ev["seconds_load"] = time.perf_counter() - t0
         ev["rss_after_load_bytes"] = (_proc_status_kib("VmRSS") or 0) * 1024

@@ -148,7 +148,8 @@ class CacheTask(Task):
     def _in_memory(self, src):
         from .methods.safe import TensorSource
 
-        return TensorSource(src.load()) if src.nbytes <= self.max_memory else src
+        # In memory in the cache's dtype (float16: half of float32); TensorSource widens each batch, exactly.
+        return TensorSource(src.load_stored()) if src.stored_nbytes <= self.max_memory else src
 
     def dense(self, split: str):
         return self._in_memory(self.cache.dense_source(split))

@@ -174,7 +174,8 @@ def device_option(fn):
 
 def max_memory_option(fn):
     return click.option("--max-memory", default="4GiB", callback=lambda c, p, v: parse_bytes(v),
-                        help="Hold dense maps (SAFE) in memory up to this size, else stream them from the cache.")(fn)
+                        help="Hold dense maps (SAFE) in memory, in the cache's dtype, up to this size; else "
+                             "stream them from the cache.")(fn)
 
 
 def parse_bytes(text: str) -> int:

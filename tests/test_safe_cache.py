@@ -39,7 +39,8 @@ def test_streaming_equals_in_memory_with_bounded_memory(tmp_path, tree, monkeypa
     reads = []
     get = DenseSource.get
     monkeypatch.setattr(DenseSource, "get", lambda self, idx: (reads.append(len(np.atleast_1d(idx))), get(self, idx))[1])
-    monkeypatch.setattr(DenseSource, "load", lambda self: (_ for _ in ()).throw(AssertionError("loaded whole")))
+    for name in ("load", "load_stored"):
+        monkeypatch.setattr(DenseSource, name, lambda self: (_ for _ in ()).throw(AssertionError("loaded whole")))
     from cachekit.extraction import extract
     from conftest import extract_opts
 
@@ -58,6 +59,30 @@ def test_streaming_equals_in_memory_with_bounded_memory(tmp_path, tree, monkeypa
         assert torch.equal(t, stream.params[name]), name
     assert peak_mem > full
     assert peak_mem - peak_stream > full / 3, (peak_mem, peak_stream, full)
+
+
+def test_float16_maps_stay_float16_in_memory_and_fit_as_if_streamed(tmp_path, tree):
+    """A float16 cache's maps are held in memory as float16 (half of float32), and SAFE's fit on them equals the
+    streamed fit bit for bit: widening per batch is exact."""
+    from cachekit.extraction import extract
+    from cachekit.methods.safe import SafeConfig, TensorSource, fit
+    from conftest import extract_opts
+
+    path = tmp_path / "half.h5"
+    extract(extract_opts(tree, path, shots=(2,), seeds=(1,), views=2, dense_dtype="float16"))
+    with open_cache(path) as c:
+        W = c.text_classifier()
+        params, heads = c.attnpool_params()
+        mem_src, labels = CacheTask(c, 2, 1).train_dense()
+        stream_src, _ = CacheTask(c, 2, 1, max_memory=0).train_dense()
+        assert isinstance(mem_src, TensorSource) and mem_src.tensor.dtype == torch.float16
+        assert type(stream_src).__name__ == "DenseSource" and stream_src.stored_nbytes * 2 == stream_src.nbytes
+        assert torch.equal(mem_src.get(np.arange(len(mem_src))), stream_src.get(np.arange(len(stream_src))))
+        cfg = SafeConfig(epochs=2, batch_size=4)
+        a = fit(mem_src, labels, W, params, heads, cfg)
+        b = fit(stream_src, labels, W, params, heads, cfg)
+    for name, t in a.params.items():
+        assert torch.equal(t, b.params[name]), name
 
 
 def test_frozen_blend_is_zero_shot(tiny_cache):

@@ -128,8 +128,21 @@ class TensorSource:
         return int(self.tensor.shape[0])
 
     def get(self, indices: np.ndarray) -> torch.Tensor:
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return self.tensor[idx]
+        """float32 maps, on the tensor's device. Maps held as float16 (the cache's dtype, half the memory) are
+        widened per batch, which is exact: the same numbers as widening them all at once."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=self.tensor.device)
+        return self.tensor[idx].float()
+
+
+def on_device(source, device: torch.device):
+    """An in-memory source moved to an accelerator once, so batches need no host-to-device copy; a source that
+    streams, a CPU device, or a device without room for the maps keeps the source as it is."""
+    if not isinstance(source, TensorSource) or device.type == "cpu" or source.tensor.device == device:
+        return source
+    try:
+        return TensorSource(source.tensor.to(device))
+    except torch.OutOfMemoryError:
+        return source
 
 
 def _check_source(source, labels: torch.Tensor | None, what: str) -> None:
@@ -241,6 +254,9 @@ def fit(source, labels, W: torch.Tensor, params, num_heads: int, config: SafeCon
         _check_source(val_source, torch.as_tensor(val_labels), "val source")
         val_y = _labels(val_labels, C, "val labels")
 
+    source = on_device(source, dev)
+    if val is not None:
+        val_source = on_device(val_source, dev)
     n = len(source)
     bs = config.batch_size
     iters_per_epoch = math.ceil(n / bs)
