@@ -40,7 +40,7 @@ bench-gpu: $(STAMP)
 # The scale rehearsal of docs/scale.md at its three sizes (~1 h on a 2-core CPU; needs ~25 GB free disk).
 bench-scale: $(STAMP)
 	$(VENV)/bin/cachekit bench scale --classes 100 --shots 1,4 --views 10 --val 200 --test 1000 --ape-curve 100x200,100x600,100x1200 --threads 1 --docs docs/scale.md --docs-section scale-small
-	$(VENV)/bin/cachekit bench scale --classes 1000 --shots 1,2 --views 10 --val 2000 --test 10000 --ape-curve 1000x1000 --threads 1 --docs docs/scale.md --docs-section scale-medium
+	$(VENV)/bin/cachekit bench scale --classes 1000 --shots 1,2 --views 10 --val 2000 --test 10000 --ape-curve 1000x1000 --threads 1 --max-memory 2GiB --docs docs/scale.md --docs-section scale-medium
 	$(VENV)/bin/cachekit bench scale --classes 1000 --shots 1,4 --views 10 --val 2000 --test 10000 --ape-curve 100x1000,1000x500,1000x1000,1000x2000 --threads 1 --docs docs/scale.md --docs-section scale-large
 
 # Wheels the GPU machine lacks (tools/device_bench_gpu.sh installs them there); .whl/ is git-ignored.

@@ -1831,10 +1831,11 @@ def _child_safe(job, ev):
     device, cache_path = job["device"], job["cache"]
     c = Cache(cache_path)
     k, mm = int(job["k"]), int(job["max_memory"])
-    per_map = int(np.prod(c.dense_shape)) * 4
+    # What --max-memory counts: the maps in the cache's dtype (CacheTask holds them so).
+    per_map = int(np.prod(c.dense_shape)) * c._dense_ds("train").dtype.itemsize
     views = tuple(range(1, c.views + 1)) or (0,)
     n_full = len(c.fewshot(k, 1)) * len(views)
-    ev.update(k=k, maps_full=n_full, bytes_full_float32=n_full * per_map, max_memory=mm, sliced=False)
+    ev.update(k=k, maps_full=n_full, bytes_full_stored=n_full * per_map, max_memory=mm, sliced=False)
     _drop_page_cache([cache_path])
     if job["mode"] == "memory":
         task = CacheTask(c, k, 1, device=device, max_memory=mm)
@@ -2260,7 +2261,7 @@ def bench_scale(classes: int = 1000, shots=(1, 4), views: int = 10, val: int = 2
     for name, r in (("in memory", s_mem), ("streaming", s_str)):
         what = (f"K={r['k']} train views, {r['maps_source']:,} maps"
                 + (" (the first maps that fit)" if r.get("sliced") else "")
-                + (f", {_gb(r['bytes_full_float32'])} as float32 > --max-memory {_gb(max_memory)}"
+                + (f", {_gb(r['bytes_full_stored'])} as stored > --max-memory {_gb(max_memory)}"
                    if name == "streaming" and not r.get("forced_streaming") else "")
                 + (" (they fit --max-memory: streaming forced)" if r.get("forced_streaming") else ""))
         timing = (f"{_fmt_s(per_step(r, 'mean'))} / step" if name == "in memory" else
