@@ -23,6 +23,7 @@ import os
 import queue
 import traceback
 import shutil
+import uuid
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -294,7 +295,7 @@ def _save_sample(path: Path, ident: dict, sets, train_rows, bad_train) -> None:
     obj = {_PLAN_IDENTITY: ident, "train_rows": [int(i) for i in train_rows], "bad_train": dict(bad_train),
            "sets": [[int(k), int(s), [int(i) for i in pos], [int(c) for c in repl]]
                     for (k, s), (pos, repl) in sets.items()]}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # shards on several hosts may share a pid
     tmp.write_text(json.dumps(obj), encoding="utf-8")
     publish(tmp, path)
 
@@ -312,9 +313,13 @@ def _load_sample(path: Path, ident: dict, opts: ExtractOptions, n_train: int):
         bad = {str(p): str(r) for p, r in obj["bad_train"].items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
+    if bad and not opts.skip_bad:
+        return None  # drawn around broken images under --skip-bad: without it, the check must run and refuse
     every = [rows] + [pos for pos, _ in sets.values()]
     if set(sets) != {(k, s) for k in opts.shots for s in opts.seeds} or any(
             a.ndim != 1 or (a.size and (a.min() < 0 or a.max() >= n_train)) for a in every):
+        return None
+    if any(not set(pos.tolist()) <= set(rows.tolist()) for pos, _ in sets.values()):
         return None
     return sets, rows, bad
 
@@ -504,6 +509,18 @@ class _Job:
                                     f"(estimate), {_gib(free)} are free on {opts.device}; fix: use --batch-size "
                                     f"{max(1, B * free // gpu)} or less")
 
+    def _check_plan(self, plan_path: Path, ident: dict) -> dict:
+        """The unfinished run's plan, refused in one line when damaged or made for other settings."""
+        plan = _read_plan(plan_path)
+        if plan is None:
+            raise CachekitError(f"unfinished extraction in {self.parts} has a damaged plan ({plan_path.name}); "
+                                "fix: pass --overwrite to start afresh")
+        if plan[_PLAN_IDENTITY] != ident:
+            raise CachekitError(f"unfinished extraction in {self.parts} was started with a different "
+                                f"{_mismatch(plan[_PLAN_IDENTITY], ident)}; fix: rerun it with the same options, "
+                                "or pass --overwrite to start afresh")
+        return plan
+
     def prepare(self, overwrite: bool) -> dict | None:
         """Load the model, check an existing cache or unfinished run, write the plan and text
         embeddings. Returns a summary when there is nothing left to do."""
@@ -533,9 +550,10 @@ class _Job:
             return {"cache": str(out), "status": "already complete", "weights": bundle.weights_label}
 
         spec = self.spec
+        plan_path = parts / "plan.json"
+        plan = self._check_plan(plan_path, ident) if plan_path.exists() else None
         sample_path = parts / "sample.json"
-        stored = (_load_sample(sample_path, ident, opts, len(spec.splits["train"]))
-                  if (parts / "plan.json").exists() else None)
+        stored = _load_sample(sample_path, ident, opts, len(spec.splits["train"])) if plan else None
         self.sample_reused = stored is not None
         self.sets, self.train_rows, self.bad_train = stored or _sample_sets(spec, opts, opts.progress)
         row_items = {"train": [spec.splits["train"][i] for i in self.train_rows], "val": spec.splits["val"]}
@@ -548,16 +566,7 @@ class _Job:
 
         # Units: one batch of one (split, view), in a fixed order so resumed runs batch identically.
         B = opts.batch_size
-        plan_path = parts / "plan.json"
-        if plan_path.exists():
-            plan = _read_plan(plan_path)
-            if plan is None:
-                raise CachekitError(f"unfinished extraction in {parts} has a damaged plan ({plan_path.name}); "
-                                    "fix: pass --overwrite to start afresh")
-            if plan[_PLAN_IDENTITY] != ident:
-                raise CachekitError(f"unfinished extraction in {parts} was started with a different "
-                                    f"{_mismatch(plan[_PLAN_IDENTITY], ident)}; fix: rerun it with the same options, "
-                                    "or pass --overwrite to start afresh")
+        if plan is not None:
             B = plan["batch_size"]
             self._check_resources(row_items, B)
         else:

@@ -129,7 +129,7 @@ def _schema_names() -> set[str]:
 
 
 # Files that must name cache fields only through cachekit.schema. The parts folder's own segment files
-# (and plan.json) are not the cache: extract.py names their fields once, in these module constants.
+# (and plan.json) are not the cache: extraction.py names their fields once, in these module constants.
 CODE = ("cachekit/cache.py", "cachekit/verify.py", "cachekit/info.py", "cachekit/extraction.py")
 PARTS_CONSTANTS = {"_SEG_DENSE", "_SEG_POOLED", "_SEG_BAD", "_TEXT_EMB", "_TEXT_TRUNCATED", "_PLAN_IDENTITY"}
 

@@ -272,6 +272,30 @@ def test_bad_image_error_and_skip(tmp_path):
         assert c.with_replacement(6, 1) == [0, 1]  # 5 good images left per class < K=6
 
 
+def test_resume_without_skip_bad_still_refuses_a_broken_train_image(tmp_path, monkeypatch):
+    """Sets drawn around a broken image under --skip-bad are not reused by a resume without it: the check runs
+    again and refuses, as a fresh run would; with --skip-bad again they are reused and the result is the same."""
+    import cachekit.extraction as X
+
+    root = tmp_path / "d"
+    for split, n in (("train", 5), ("val", 3), ("test", 3)):
+        make_tree(root / split, classes=2, per_class=n, seed=len(split))
+    (root / "train" / "class_0" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    ref = tmp_path / "ref.h5"
+    extract(extract_opts(root, ref, shots=(6,), seeds=(1,), views=1, skip_bad=True))
+    out = tmp_path / "c.h5"
+    with pytest.raises(_Stop):
+        extract(extract_opts(root, out, shots=(6,), seeds=(1,), views=1, skip_bad=True, on_unit=_stop_after(1, [])))
+    with pytest.raises(CachekitError, match="train/class_0/zz_broken.png"):
+        extract(extract_opts(root, out, shots=(6,), seeds=(1,), views=1))
+    checked = []
+    real = X.check_image
+    monkeypatch.setattr(X, "check_image", lambda p: (checked.append(p), real(p))[1])
+    extract(extract_opts(root, out, shots=(6,), seeds=(1,), views=1, skip_bad=True))
+    assert checked == []
+    _assert_same_arrays(ref, out)
+
+
 def _val_only_cache(tmp_path):
     """A cache of a tree with train/ and val/ only (no test/): val doubles as test."""
     root = tmp_path / "d"

@@ -134,14 +134,24 @@ class TensorSource:
         return self.tensor[idx].float()
 
 
+#: Share of a CUDA device's free memory that in-memory maps may take (the rest is the training's working memory).
+DEVICE_MAPS_SHARE = 0.5
+
+
 def on_device(source, device: torch.device):
-    """An in-memory source moved to an accelerator once, so batches need no host-to-device copy; a source that
-    streams, a CPU device, or a device without room for the maps keeps the source as it is."""
+    """An in-memory source moved to an accelerator once, so batches need no host-to-device copy. A source that
+    streams, a CPU device, maps larger than DEVICE_MAPS_SHARE of the CUDA device's free memory, or a copy that
+    fails keep the source where it is (batches are then copied one at a time, as before)."""
     if not isinstance(source, TensorSource) or device.type == "cpu" or source.tensor.device == device:
         return source
+    t = source.tensor
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if t.numel() * t.element_size() > DEVICE_MAPS_SHARE * free:
+            return source
     try:
-        return TensorSource(source.tensor.to(device))
-    except torch.OutOfMemoryError:
+        return TensorSource(t.to(device))
+    except (torch.cuda.OutOfMemoryError, RuntimeError):  # also MPS, whose OOM is a plain RuntimeError
         return source
 
 
