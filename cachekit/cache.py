@@ -343,7 +343,7 @@ class DenseSource:
     """Dense maps of chosen rows and views of one split, addressed 0..len-1 (views outer).
 
     Implements the `get(indices)` protocol SAFE trains on, streaming from HDF5 so memory stays
-    bounded by one batch; `load()` gives an in-memory tensor when it fits.
+    bounded by one batch; `load_stored()` gives an in-memory tensor (in the cache's dtype) when it fits.
     """
 
     def __init__(self, cache: Cache, split: str, rows=None, views=(0,)):
@@ -367,11 +367,12 @@ class DenseSource:
         return out
 
     def get(self, indices) -> torch.Tensor:
-        return torch.from_numpy(self.read_stored(indices)).float()  # torch converts float16 several times faster than numpy
+        # torch converts float16 several times faster than numpy
+        return torch.from_numpy(self.read_stored(indices)).float()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of these maps as float32 (what `load` returns)."""
+        """Bytes of these maps as float32 (as `get` hands them out)."""
         shape = self.cache.dense_shape
         return len(self) * int(np.prod(shape)) * 4
 
@@ -382,18 +383,8 @@ class DenseSource:
         return len(self) * int(np.prod(ds.shape[-3:])) * ds.dtype.itemsize
 
     def load_stored(self) -> torch.Tensor:
-        """Every map in the cache's dtype (float16 unless extracted as float32: half the memory of `load`)."""
+        """Every map in the cache's dtype (float16 unless extracted as float32: half the memory of float32)."""
         return torch.from_numpy(self.read_stored(np.arange(len(self))))
-
-    def load(self, block_bytes: int = 64 << 20) -> torch.Tensor:
-        """Every map as one float32 tensor, read a block at a time so the peak is the result plus one block
-        (not the result plus a float16 copy of it)."""
-        shape = tuple(self.cache.dense_shape)
-        out = torch.empty((len(self),) + shape, dtype=torch.float32)
-        step = max(1, block_bytes // (4 * int(np.prod(shape))))
-        for i in range(0, len(self), step):
-            out[i:i + step] = self.get(np.arange(i, min(i + step, len(self))))
-        return out
 
 
 def open_cache(path) -> Cache:

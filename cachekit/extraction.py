@@ -23,7 +23,6 @@ import os
 import queue
 import traceback
 import shutil
-import uuid
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from .errors import BadImageError, CacheInUseError, CachekitError
 from .models import attnpool_params, dense_and_pooled, encode_templates, load_model, text_classifier
 from .progress import Counter, Progress
 from .schema import Attr, AttnpoolAttr, FewshotAttr, SplitAttr, TextAttr
-from .store import WriterLock, check_space, os_errors, publish, tmp_path, write_json_atomic
+from .store import WriterLock, check_space, os_errors, publish, tmp_path, unique_tmp_path, write_json_atomic
 from .templates import resolve_templates
 
 DENSE_DTYPES = S.DENSE_DTYPES
@@ -291,13 +290,11 @@ def _sample_sets(spec, opts: ExtractOptions, progress: Progress | None):
 
 def _save_sample(path: Path, ident: dict, sets, train_rows, bad_train) -> None:
     """OUT.parts/sample.json: the few-shot sets the checked train images gave, so a resumed run skips the check
-    (minutes at ImageNet size). Per-process temporary name: torchrun ranks may write it at once."""
+    (minutes at ImageNet size)."""
     obj = {_PLAN_IDENTITY: ident, "train_rows": [int(i) for i in train_rows], "bad_train": dict(bad_train),
            "sets": [[int(k), int(s), [int(i) for i in pos], [int(c) for c in repl]]
                     for (k, s), (pos, repl) in sets.items()]}
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # shards on several hosts may share a pid
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    publish(tmp, path)
+    write_json_atomic(path, obj)
 
 
 def _load_sample(path: Path, ident: dict, opts: ExtractOptions, n_train: int):
@@ -550,7 +547,6 @@ class _Job:
             return {"cache": str(out), "status": "already complete", "weights": bundle.weights_label}
 
         spec = self.spec
-        plan_path = parts / "plan.json"
         plan = self._check_plan(plan_path, ident) if plan_path.exists() else None
         sample_path = parts / "sample.json"
         stored = _load_sample(sample_path, ident, opts, len(spec.splits["train"])) if plan else None
@@ -565,12 +561,9 @@ class _Job:
         self.row_items = row_items
 
         # Units: one batch of one (split, view), in a fixed order so resumed runs batch identically.
-        B = opts.batch_size
-        if plan is not None:
-            B = plan["batch_size"]
-            self._check_resources(row_items, B)
-        else:
-            self._check_resources(row_items, B)
+        B = opts.batch_size if plan is None else plan["batch_size"]
+        self._check_resources(row_items, B)
+        if plan is None:
             with os_errors(str(parts)):
                 parts.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(plan_path, {_PLAN_IDENTITY: ident, "batch_size": B, "cachekit_version": __version__})
@@ -591,7 +584,7 @@ class _Job:
         if not text_path.exists():
             emb, truncated = encode_templates(bundle, spec.classnames, self.templates, device=opts.device)
             check_space(parts, emb.numel() * 4 + (64 << 10), str(text_path))
-            tmp = tmp_path(text_path).with_name(f"{text_path.name}.{os.getpid()}.tmp")
+            tmp = unique_tmp_path(text_path)
             with os_errors(str(text_path)), h5py.File(tmp, "w") as f:
                 f[_TEXT_EMB] = emb.numpy()
                 f.attrs[_TEXT_TRUNCATED] = truncated

@@ -607,8 +607,9 @@ def array_checksum(data, dtype=None) -> str:
 
 
 def iter_blocks(ds: h5py.Dataset, block_bytes: int = 8 << 20) -> Iterator[np.ndarray]:
-    """A dataset's contents in C order, as blocks of at most `block_bytes` (at least one element). The cut descends through leading axes, so a (V, N, C, H, W) train map is read a
-    few maps at a time, never one whole view (which is gigabytes at ImageNet size)."""
+    """A dataset's contents in C order, as blocks of at most `block_bytes` (at least one element). The cut
+    descends through leading axes, so a (V, N, C, H, W) train map is read a few maps at a time, never one whole
+    view (which is gigabytes at ImageNet size)."""
     if ds.ndim == 0 or 0 in ds.shape:
         yield np.asarray(ds[()])
         return

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,12 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+def unique_tmp_path(path: Path) -> Path:
+    """A temporary name no other writer uses: for files that several processes (torchrun ranks, shards on
+    several hosts, which may share a pid) may publish at once."""
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+
+
 def publish(tmp: Path, final: Path):
     """fsync `tmp`, atomically rename it onto `final`, fsync the directory."""
     fd = os.open(str(tmp), os.O_RDONLY)
@@ -45,7 +52,7 @@ def publish(tmp: Path, final: Path):
 
 
 def write_json_atomic(path: Path, obj):
-    tmp = tmp_path(path)
+    tmp = unique_tmp_path(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=1, sort_keys=True)
     publish(tmp, path)

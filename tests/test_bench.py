@@ -476,13 +476,16 @@ def test_torch_float16_cast_equals_numpy_on_edge_values():
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
-def test_dense_source_load_reads_in_blocks_and_equals_get(tiny_cache):
+def test_dense_source_load_stored_keeps_the_cache_dtype_and_equals_get(tiny_cache):
     from cachekit.cache import open_cache
 
     with open_cache(tiny_cache) as c:
         src = c.dense_source("train", c.fewshot(2, 1), (1, 2))
         whole = src.get(np.arange(len(src)))
-        shape = tuple(c.dense_shape)
-        for block in (1, 4 * int(np.prod(shape)) * 3, 64 << 20):  # one map, 3 maps, everything
-            got = src.load(block_bytes=block)
-            assert got.dtype == torch.float32 and torch.equal(got, whole)
+        got = src.load_stored()
+        assert got.dtype == torch.float32 and c.meta["dense_dtype"] == "float32"  # tiny_cache is float32
+        assert got.numel() * got.element_size() == src.stored_nbytes == src.nbytes
+        assert torch.equal(got, whole)
+        # in any order asked, as the maps are addressed
+        idx = np.array([3, 0, len(src) - 1, 0])
+        assert torch.equal(torch.from_numpy(src.read_stored(idx)), whole[idx])
