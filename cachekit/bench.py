@@ -1831,25 +1831,25 @@ def _child_safe(job, ev):
     device, cache_path = job["device"], job["cache"]
     c = Cache(cache_path)
     k, mm = int(job["k"]), int(job["max_memory"])
-    # What --max-memory counts: the maps in the cache's dtype (CacheTask holds them so).
-    per_map = int(np.prod(c.dense_shape)) * c._dense_ds("train").dtype.itemsize
     views = tuple(range(1, c.views + 1)) or (0,)
-    n_full = len(c.fewshot(k, 1)) * len(views)
-    ev.update(k=k, maps_full=n_full, bytes_full_stored=n_full * per_map, max_memory=mm, sliced=False)
+    full = c.dense_source("train", c.fewshot(k, 1), views)
+    # What --max-memory counts: the maps in the cache's dtype (CacheTask holds them so).
+    n_full, bytes_full = len(full), full.stored_nbytes
+    per_map = bytes_full // n_full
+    ev.update(k=k, maps_full=n_full, bytes_full_stored=bytes_full, max_memory=mm, sliced=False)
     _drop_page_cache([cache_path])
     if job["mode"] == "memory":
         task = CacheTask(c, k, 1, device=device, max_memory=mm)
         t0 = time.perf_counter()
         src, labels = task.train_dense()
-        if not isinstance(src, safe.TensorSource):  # the set does not fit: its first maps that do (as CacheTask
-            # holds them: in the cache's dtype)
-            n_fit = max(1, min(len(src), mm // (src.stored_nbytes // len(src))))
+        if not isinstance(src, safe.TensorSource):  # the set does not fit: its first maps that do
+            n_fit = max(1, min(len(src), mm // per_map))
             src, labels = safe.TensorSource(torch.from_numpy(src.read_stored(np.arange(n_fit)))), labels[:n_fit]
             ev["sliced"] = True
         ev["seconds_load"] = time.perf_counter() - t0
         ev["rss_after_load_bytes"] = (_proc_status_kib("VmRSS") or 0) * 1024
     else:
-        forced = n_full * per_map <= mm  # a small cache fits: stream anyway (said so)
+        forced = bytes_full <= mm  # a small cache fits: stream anyway (said so)
         task = CacheTask(c, k, 1, device=device, max_memory=0 if forced else mm)
         src, labels = task.train_dense()
         ev["forced_streaming"] = forced
@@ -1888,7 +1888,7 @@ def _child_safe(job, ev):
         for b in batches:
             src.get(b)
         ev[f"seconds_read_{state}"] = time.perf_counter() - t0
-    ev["stored_bytes_per_map"] = int(np.prod(c.dense_shape)) * np.dtype(c.meta["dense_dtype"]).itemsize
+    ev["stored_bytes_per_map"] = per_map
     c.close()
     return ev
 
