@@ -29,7 +29,7 @@ from cachekit.extraction import ExtractOptions, extract  # noqa: E402
 from cachekit.methods import ape  # noqa: E402
 from cachekit.methods.registry import list_methods  # noqa: E402
 from cachekit.records import read_results  # noqa: E402
-from cachekit.report import _plot, render_table, summarize  # noqa: E402
+from cachekit.report import _cell, _plot, _stats, render_table, summarize  # noqa: E402
 from cachekit.runner import Runner, evaluate  # noqa: E402
 
 
@@ -37,7 +37,7 @@ NOTES = "<!-- notes: written by hand, kept when the page is regenerated -->"
 
 
 def mean_std(v):
-    return f"{np.mean(v):.2f} ± {np.std(v):.2f}" if v else "-"
+    return _cell(_stats(v), with_n=False)  # the report's own cell: "mean ± std", "-" when empty
 
 
 def main(argv=None):
